@@ -1,0 +1,36 @@
+# Quick start: `make train` (the digits demo) and `make test` (the whole suite). Both create .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fastmcl-installed
+# torch==2.13.0 resolves to the CPU build from local disk on our dev/CI machines and to the CUDA build from PyPI on
+# a GPU box; installing it before the package keeps pip from ever pulling a CUDA build by accident.
+TORCH_SPEC  ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.8.0
+PYTEST      := $(BIN)/python -m pytest
+
+.PHONY: install train test test-fast test-interpreter bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q $(TRITON_SPEC)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+train: $(STAMP)
+	$(BIN)/python -m fastmcl.train
+
+# Two pytest processes: the Triton interpreter leaves a process slow for torch CPU ops (DESIGN.md "Kernels").
+# Exit code 5 ("no tests collected") is not a failure for a marker selection that is still empty.
+test: $(STAMP)
+	$(PYTEST) -q -m "not interpreter" tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+	TRITON_INTERPRET=1 $(PYTEST) -q -m interpreter tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+
+bench: $(STAMP)
+	$(PYTEST) benchmarks --benchmark-only --benchmark-json=benchmarks/results.json -s
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Triton kernels (shipped as `fastmcl.kernels`). Kernels import nothing else of ours."""

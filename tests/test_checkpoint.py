@@ -1,0 +1,308 @@
+"""fastmcl.checkpoint: round trips under weights_only, RNG restore, load errors, and atomicity under SIGKILL."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastmcl import checkpoint as ckpt
+from fastmcl.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    find_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _assert_same(a, b, where="state"):
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+# ------------------------------------------------------------------------------------------------ round trips
+
+
+def test_round_trip_nested_state_weights_only(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    # shaped like an optimizer's state_dict (int keys!); building a real torch.optim costs ~1 s of lazy imports
+    optimizer = {
+        "state": {0: {"momentum_buffer": torch.randn(4, 3)}, 1: {"momentum_buffer": torch.randn(4)}},
+        "param_groups": [{"lr": 0.1, "momentum": 0.9, "nesterov": False, "params": [0, 1]}],
+    }
+    state = {
+        "members": {"net0": model.state_dict(), "net1": {"w": torch.randn(2, 3, dtype=torch.bfloat16)}},
+        "optimizer": optimizer,
+        "bank": torch.arange(12, dtype=torch.int64).reshape(3, 4),
+        "mask": torch.tensor([True, False]),
+        "epoch": 7,
+        "step": 12345,
+        "best_top1": 71.25,
+        "method": "lmcl",
+        "scaler": None,
+        "history": [1.5, 2.5, ("a", 3)],
+        "config": {"lr": 0.05, "milestones": [150, 225], "dataset": {"name": "cifar100", "root": "/data"}},
+        "rng": capture_rng_state(),
+    }
+    path = tmp_path / "checkpoints" / "last.pt"  # parents are created
+    save_checkpoint(path, state)
+    loaded = load_checkpoint(path)
+    _assert_same(state, loaded)
+    # what torch itself reads with weights_only=True, i.e. nothing in there needs unsafe unpickling
+    _assert_same(state, torch.load(path, weights_only=True))
+    assert not [p for p in path.parent.iterdir() if p.name != "last.pt"], "temp files left behind"
+
+
+def test_save_replaces_previous_version(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"v": 1})
+    save_checkpoint(path, {"v": 2})
+    assert load_checkpoint(path) == {"v": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_failed_save_keeps_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"v": 1})
+    with pytest.raises(Exception):
+        save_checkpoint(path, {"v": 2, "bad": lambda: None})  # unpicklable: torch.save fails midway
+    assert load_checkpoint(path) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_rng_restore_reproduces_next_draws(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    # leave a cached second Gaussian in both random and numpy's legacy generator: part of the state to restore
+    random.gauss(0.0, 1.0)
+    np.random.randn()
+
+    def draws():
+        return (
+            [random.random(), random.gauss(0.0, 1.0), random.randint(0, 10**9)],
+            np.random.randn(3).tolist() + np.random.rand(2).tolist(),
+            torch.rand(4).tolist() + torch.randint(0, 10**6, (3,)).tolist(),
+        )
+
+    save_checkpoint(tmp_path / "rng.pt", {"rng": capture_rng_state()})
+    expected = draws()
+    draws()  # advance everything further
+    restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert draws() == expected
+
+
+# ------------------------------------------------------------------------------------------------ load errors
+
+
+def _torn(path: Path) -> None:
+    save_checkpoint(path, {"w": torch.randn(1000)})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+class _NotAllowed:
+    pass
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda p: None, id="missing"),
+        pytest.param(lambda p: p.write_bytes(b""), id="empty"),
+        pytest.param(_torn, id="truncated"),
+        pytest.param(lambda p: p.write_bytes(b"not a checkpoint\n" * 50), id="garbage"),
+        pytest.param(lambda p: torch.save({"obj": _NotAllowed()}, p), id="unsafe-global"),
+        pytest.param(lambda p: torch.save(torch.zeros(2), p), id="not-a-dict"),
+    ],
+)
+def test_bad_file_raises_checkpoint_error_naming_path(tmp_path, make):
+    path = tmp_path / "run" / "last.pt"
+    path.parent.mkdir()
+    make(path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    msg = str(info.value)
+    assert str(path) in msg and "\n" not in msg and len(msg) < 400, msg
+    assert isinstance(info.value, ValueError)
+
+
+def test_find_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        find_checkpoint(tmp_path)  # empty run dir
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        find_checkpoint(tmp_path / "nope")
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
+        find_checkpoint(tmp_path)  # checkpoints/ without last.pt
+    save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"epoch": 1})
+    assert find_checkpoint(str(tmp_path)) == tmp_path / "checkpoints" / "last.pt"
+
+
+def test_stale_temps_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = ckpt._HOST
+    stale = [f".last.pt.{host}.{dead.pid}.dead0001.tmp", f".last.pt.{host}.{os.getpid()}.reused01.tmp"]
+    kept = [
+        f".last.pt.{host}.{os.getppid()}.alive001.tmp",  # a live writer: not ours to delete
+        f".last.pt.otherhost.{dead.pid}.remote01.tmp",  # another machine on a shared filesystem
+        f".best.pt.{host}.{dead.pid}.othertgt.tmp",  # a different target's temp
+    ]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"partial")
+    save_checkpoint(tmp_path / "last.pt", {"v": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["last.pt"])
+    assert load_checkpoint(tmp_path / "last.pt") == {"v": 1}
+
+
+# ------------------------------------------------------------------------------------------------ SIGKILL
+
+# Writes ~200 MB checkpoints to argv[1] in a loop, alternating between two contents. Each file holds its marker (the
+# iteration number) and the CRC of its tensors; the parent also learns both CRCs from stdout.
+_WRITER = r"""
+import sys, time, zlib, torch
+from fastmcl.checkpoint import save_checkpoint
+
+def crc(tensors):
+    c = 0
+    for t in tensors:
+        c = zlib.crc32(t.numpy().tobytes(), c)
+    return c
+
+path, marker = sys.argv[1], int(sys.argv[2])
+n = 12_500_000  # 4 tensors x 50 MB of float32 (arange stays exact below 2**24)
+versions = []
+for parity in (0, 1):
+    tensors = [torch.arange(n, dtype=torch.float32).add_(2 * k + parity) for k in range(4)]
+    versions.append((tensors, crc(tensors)))
+    print("crc", parity, versions[-1][1], flush=True)
+while True:
+    tensors, c = versions[marker % 2]
+    print("saving", marker, flush=True)
+    t0 = time.perf_counter()
+    save_checkpoint(path, {"marker": marker, "crc": c, "tensors": tensors})
+    print("saved", marker, time.perf_counter() - t0, flush=True)
+    marker += 1
+"""
+
+
+def _crc(tensors) -> int:
+    import zlib
+
+    c = 0
+    for t in tensors:
+        c = zlib.crc32(t.numpy().tobytes(), c)
+    return c
+
+
+class _Writer:
+    """The writer subprocess plus a thread collecting its stdout lines."""
+
+    def __init__(self, path: Path, first_marker: int):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path), str(first_marker)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines: list[list[str]] = []
+        self.cond = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self.cond:
+                self.lines.append(line.split())
+                self.cond.notify_all()
+
+    def wait_for(self, word: str, after: int = 0, timeout: float = 60.0) -> tuple[int, list[str]]:
+        """Wait for the first line starting with ``word`` at index >= ``after``; return its index and words."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for i in range(after, len(self.lines)):
+                    if self.lines[i] and self.lines[i][0] == word:
+                        return i, self.lines[i]
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None and not self.reader.is_alive():
+                    raise AssertionError(f"writer never printed {word!r}; stderr: {self.proc.stderr.read()[-2000:]}")
+                self.cond.wait(min(left, 0.5))
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()  # reaped: its pid is gone, so its temp file counts as stale
+        self.reader.join(timeout=10)
+        self.proc.stderr.close()
+
+
+@pytest.mark.slow
+def test_sigkill_never_leaves_a_torn_checkpoint(tmp_path):
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    path = tmp_path / "checkpoints" / "last.pt"
+    temps_seen_after_kill = []
+    for round_ in range(3):
+        writer = _Writer(path, first_marker=100 * round_)
+        try:
+            # one complete save in this round first (the first round has no file before it)
+            index, line = writer.wait_for("saved")
+            save_seconds = float(line[2])
+            if round_ == 0:
+                # Deterministically mid-write: kill 30% into the next save, while its temp file is being written.
+                writer.wait_for("saving", after=index + 1)
+                time.sleep(0.3 * save_seconds)
+            else:
+                time.sleep(rng.uniform(0.0, 2.0 * save_seconds))  # anywhere in the save/replace/fsync cycle
+        finally:
+            writer.kill()
+
+        crcs = {int(l[1]): int(l[2]) for l in writer.lines if l[0] == "crc"}
+        saved = [int(l[1]) for l in writer.lines if l[0] == "saved"]
+        saving = [int(l[1]) for l in writer.lines if l[0] == "saving"]
+        # Sequential writer: the file is the last completed save, or the one in progress if its rename had happened.
+        allowed = {saved[-1], saving[-1]}
+        temps = [p.name for p in path.parent.iterdir() if p.name != "last.pt"]
+        temps_seen_after_kill.append(temps)
+
+        state = load_checkpoint(path)  # never a CheckpointError: no torn file
+        marker = state["marker"]
+        assert marker in allowed, f"seed {seed}: marker {marker} not in {allowed}"
+        assert state["crc"] == crcs[marker % 2], f"seed {seed}: marker and contents disagree"
+        assert _crc(state["tensors"]) == state["crc"], f"seed {seed}: contents torn"
+        del state
+
+    # The deterministic mid-write kill must have left a temp file (else this test proved nothing about atomicity)...
+    assert temps_seen_after_kill[0], "round 0 kill did not land mid-write"
+    # ...and the next writer's first save removed it (its writer is dead).
+    assert not set(temps_seen_after_kill[0]) & set(temps_seen_after_kill[1])
+    save_checkpoint(path, {"marker": -1})
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]

@@ -1,0 +1,55 @@
+"""What every method (objective) looks like to the trainer. The trainer never branches on a method's name: it reads
+`needs` to build the cohort and the data path, calls the objective on the members' outputs, and evaluates every
+classifier `eval_logits` names (spec/pcl_baselines.md §3, the method × requirement table)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class MethodNeeds:
+    aux: bool = False                # L-MCL auxiliary branches (per-stage features and classifiers)
+    memory_bank: bool = False        # dataset indices + contrast indices from the negative sampler
+    m_per_class: int = 0             # in-batch contrast needs m samples per class in every batch (0: any sampler)
+    min_members: int = 2             # a mutual method needs at least two members
+
+
+class StepOutput(NamedTuple):
+    loss: Tensor                     # scalar to backpropagate
+    terms: dict[str, Tensor]         # named scalar parts (for logging; already weighted as in the total)
+    state: dict[str, object]         # what `after_step` needs (e.g. embeddings for the memory bank)
+
+
+class Objective(nn.Module):
+    """Base class: a plain function of the members' outputs, plus the modules it owns (heads, banks, meta-net)."""
+
+    needs: MethodNeeds = MethodNeeds()
+    #: name of the classifier in `eval_logits` that is deployed (a member's final classifier)
+    deployed: str = "net0"
+
+    def forward(self, outputs, labels: Tensor, contrast_idx: Tensor | None = None) -> StepOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self, out: StepOutput, index: Tensor | None) -> None:
+        """Called after the optimizer step (memory-bank updates)."""
+
+    def eval_logits(self, outputs) -> dict[str, Tensor]:
+        """Every classifier to evaluate, by name: members first as `net{i}`."""
+        return {f"net{i}": o.logits[-1] for i, o in enumerate(outputs)}
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by a separate (meta) optimizer, excluded from the main one."""
+        return []
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        meta = {id(p) for p in self.meta_parameters()}
+        return [p for p in self.parameters() if id(p) not in meta]
+
+
+def sum_ce(logit_list, labels, ce) -> Tensor:
+    return torch.stack([ce(z, labels) for z in logit_list]).sum()

@@ -196,6 +196,17 @@ def crc(tensors):
     return c
 
 path, marker = sys.argv[1], int(sys.argv[2])
+saves_done = 0
+if sys.argv[3] == "pause":
+    # After one complete save, stall inside the next save's file fsync: the temp file is written, not yet renamed.
+    import os, stat
+    real_fsync = os.fsync
+    def fsync(fd):
+        if saves_done >= 1 and stat.S_ISREG(os.fstat(fd).st_mode):
+            print("in_fsync", flush=True)
+            time.sleep(60)
+        real_fsync(fd)
+    os.fsync = fsync
 n = 12_500_000  # 4 tensors x 50 MB of float32 (arange stays exact below 2**24)
 versions = []
 for parity in (0, 1):
@@ -208,6 +219,7 @@ while True:
     t0 = time.perf_counter()
     save_checkpoint(path, {"marker": marker, "crc": c, "tensors": tensors})
     print("saved", marker, time.perf_counter() - t0, flush=True)
+    saves_done += 1
     marker += 1
 """
 
@@ -224,10 +236,10 @@ def _crc(tensors) -> int:
 class _Writer:
     """The writer subprocess plus a thread collecting its stdout lines."""
 
-    def __init__(self, path: Path, first_marker: int):
+    def __init__(self, path: Path, first_marker: int, mode: str):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(path), str(first_marker)],
+            [sys.executable, "-c", _WRITER, str(path), str(first_marker), mode],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -271,23 +283,21 @@ def test_sigkill_never_leaves_a_torn_checkpoint(tmp_path):
     path = tmp_path / "checkpoints" / "last.pt"
     temps_seen_after_kill = []
     for round_ in range(3):
-        writer = _Writer(path, first_marker=100 * round_)
+        # Round 0 kills deterministically between writing the temp file and renaming it; the others at a random
+        # moment of the save/replace/fsync cycle (mostly inside torch.save, which dominates it).
+        writer = _Writer(path, first_marker=100 * round_, mode="pause" if round_ == 0 else "run")
         try:
-            # one complete save in this round first (the first round has no file before it)
-            index, line = writer.wait_for("saved")
-            save_seconds = float(line[2])
+            _, line = writer.wait_for("saved")  # one complete save first (the first round has no file before)
             if round_ == 0:
-                # Deterministically mid-write: kill 30% into the next save, while its temp file is being written.
-                writer.wait_for("saving", after=index + 1)
-                time.sleep(0.3 * save_seconds)
+                writer.wait_for("in_fsync")
             else:
-                time.sleep(rng.uniform(0.0, 2.0 * save_seconds))  # anywhere in the save/replace/fsync cycle
+                time.sleep(rng.uniform(0.0, 2.0 * float(line[2])))
         finally:
             writer.kill()
 
-        crcs = {int(l[1]): int(l[2]) for l in writer.lines if l[0] == "crc"}
-        saved = [int(l[1]) for l in writer.lines if l[0] == "saved"]
-        saving = [int(l[1]) for l in writer.lines if l[0] == "saving"]
+        crcs = {int(w[1]): int(w[2]) for w in writer.lines if w[0] == "crc"}
+        saved = [int(w[1]) for w in writer.lines if w[0] == "saved"]
+        saving = [int(w[1]) for w in writer.lines if w[0] == "saving"]
         # Sequential writer: the file is the last completed save, or the one in progress if its rename had happened.
         allowed = {saved[-1], saving[-1]}
         temps = [p.name for p in path.parent.iterdir() if p.name != "last.pt"]
@@ -296,12 +306,14 @@ def test_sigkill_never_leaves_a_torn_checkpoint(tmp_path):
         state = load_checkpoint(path)  # never a CheckpointError: no torn file
         marker = state["marker"]
         assert marker in allowed, f"seed {seed}: marker {marker} not in {allowed}"
+        if round_ == 0:
+            assert marker == saved[-1], "the stalled save must not be visible yet"
         assert state["crc"] == crcs[marker % 2], f"seed {seed}: marker and contents disagree"
         assert _crc(state["tensors"]) == state["crc"], f"seed {seed}: contents torn"
         del state
 
-    # The deterministic mid-write kill must have left a temp file (else this test proved nothing about atomicity)...
-    assert temps_seen_after_kill[0], "round 0 kill did not land mid-write"
+    # The mid-save kill left a complete temp file that was never renamed onto last.pt...
+    assert temps_seen_after_kill[0], "round 0 kill did not land mid-save"
     # ...and the next writer's first save removed it (its writer is dead).
     assert not set(temps_seen_after_kill[0]) & set(temps_seen_after_kill[1])
     save_checkpoint(path, {"marker": -1})

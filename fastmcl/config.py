@@ -1,0 +1,201 @@
+"""The one typed training config: dataclass defaults → optional YAML (`--config`) → command-line flags.
+
+Fields carry their argparse group and help text; `None` means "resolved from the data and method" by `resolve()`
+(e.g. τ = 0.1 in-batch / 0.07 with a memory bank, spec/lmcl.md §0). The resolved config is written to RUN/config.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+def _f(default, group: str, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"group": group, "help": help, **kw})
+    return field(default=default, metadata={"group": group, "help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = _f("", "data", "dataset: an ImageFolder root (train/, val/), a CIFAR-100 python folder, or 'synthetic'; "
+                               "empty = the bundled digits demo")
+    num_classes: int = _f(10, "data", "classes of --data synthetic")
+    synthetic_samples: int = _f(512, "data", "train samples of --data synthetic (val: a quarter)")
+    image_size: int | None = _f(None, "data", "train/val crop size (default: 32 for CIFAR-style data, 224 otherwise)")
+    val_resize: int | None = _f(None, "data", "val resize before the center crop (default: image_size / 0.875)")
+    workers: int = _f(2, "data", "DataLoader worker processes")
+    m_per_class: int = _f(2, "data", "samples per class in each batch for in-batch contrastive methods (MPerClassSampler)")
+    cache_dir: str = _f("", "data", "where the digits demo tree is written (default: ~/.cache/fastmcl)")
+    # model / cohort
+    arch: list[str] = _f([], "model", "architecture per member, repeatable (--arch resnet32 --arch wrn_40_2); "
+                                      "default resnet32 for every member", action="append")
+    cohort: int = _f(2, "model", "number of members when --arch is given once or not at all")
+    shared_stem: bool = _f(False, "model", "MCL x n 'branched' variant: members share stem + layer1 (spec Q3)")
+    # method
+    method: str = _f("lmcl", "method", "dml | mcl | lmcl")
+    memory_bank: bool | None = _f(None, "method", "memory-bank contrast (spec §1.3); default on for ImageNet-style data "
+                                                  "at >= 64 px, off for CIFAR-style 32 px data")
+    tau: float | None = _f(None, "method", "contrastive temperature (0.1 in-batch, 0.07 bank)")
+    kd_T: float = _f(3.0, "method", "distillation temperature T")
+    alpha: float | None = _f(None, "method", "VCL weight (0.1; L-MCL bank 0.01)")
+    gamma: float | None = _f(None, "method", "soft VCL weight (1)")
+    beta: float | None = _f(None, "method", "ICL weight (0.1; L-MCL bank 0.01)")
+    lam: float | None = _f(None, "method", "soft ICL weight (1)")
+    pos_k: int = _f(1, "method", "bank positives per anchor")
+    neg_k: int = _f(8192, "method", "bank negatives per anchor")
+    feat_dim: int = _f(128, "method", "embedding size of the projection heads")
+    nce_m: float = _f(0.5, "method", "memory-bank momentum")
+    logit_kd: bool = _f(False, "method", "MCL: add the mean-logit ensemble KD term (spec §1.4)")
+    # optimisation
+    epochs: int | None = _f(None, "optim", "epochs (default: 300 CIFAR-style, 100 ImageNet-style, 12 digits demo)")
+    batch_size: int = _f(128, "optim", "global batch size")
+    lr: float = _f(0.1, "optim", "initial learning rate")
+    momentum: float = _f(0.9, "optim", "SGD momentum")
+    nesterov: bool = _f(True, "optim", "Nesterov momentum")
+    weight_decay: float | None = _f(None, "optim", "weight decay (5e-4 CIFAR-style, 1e-4 ImageNet-style)")
+    schedule: str | None = _f(None, "optim", "cosine | multistep (default: cosine CIFAR-style, multistep ImageNet-style)")
+    milestones: list[int] = _f([], "optim", "multistep epochs (default 30 60 90)", nargs="+")
+    lr_decay: float = _f(0.1, "optim", "multistep factor")
+    max_steps: int = _f(0, "optim", "stop after this many steps in total (0 = run all epochs)")
+    # speed
+    device: str = _f("auto", "speed", "auto | cpu | cuda | cuda:N")
+    backend: str = _f("auto", "speed", "contrastive loss backend: auto | reference | triton")
+    k_chunk: int | None = _f(2048, "speed", "stream the bank's K in chunks of this size (reference backend)")
+    channels_last: bool = _f(False, "speed", "channels_last memory format for the cohort")
+    amp: str = _f("off", "speed", "autocast: off | bf16 (fp16 lands with the fast trainer)")
+    # run
+    out: str = _f("runs/latest", "run", "run directory")
+    seed: int = _f(0, "run", "random seed")
+    deterministic: bool = _f(False, "run", "deterministic algorithms, no workers' nondeterminism")
+    log_every: int = _f(10, "run", "write a train event every N steps")
+    ckpt_every: int = _f(0, "run", "also checkpoint every N steps (0: only at epoch ends)")
+    resume: str = _f("", "run", "continue the run in this directory from checkpoints/last.pt")
+    progress: bool = _f(True, "run", "tqdm progress bar")
+
+    # -- resolution --------------------------------------------------------------------------------------------------
+    def resolve(self, *, cifar_style: bool, demo: bool) -> "TrainConfig":
+        """Fill every None from the data style and method (spec/lmcl.md §0, §3)."""
+        c = dataclasses.replace(self)
+        c.image_size = c.image_size or (32 if cifar_style else 224)
+        c.val_resize = c.val_resize or round(c.image_size / 0.875)
+        if c.memory_bank is None:
+            c.memory_bank = (not cifar_style) and c.method != "dml"
+        c.epochs = c.epochs or (12 if demo else 300 if cifar_style else 100)
+        c.weight_decay = c.weight_decay if c.weight_decay is not None else (5e-4 if cifar_style else 1e-4)
+        c.schedule = c.schedule or ("cosine" if cifar_style else "multistep")
+        c.milestones = c.milestones or [30, 60, 90]
+        bank = bool(c.memory_bank)
+        c.tau = c.tau if c.tau is not None else (0.07 if bank else 0.1)
+        ab = 0.01 if (bank and c.method == "lmcl") else 0.1
+        c.alpha = ab if c.alpha is None else c.alpha
+        c.beta = ab if c.beta is None else c.beta
+        c.gamma = 1.0 if c.gamma is None else c.gamma
+        c.lam = 1.0 if c.lam is None else c.lam
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, msg: str):
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')}: {msg}")
+        need(self.method in ("dml", "mcl", "lmcl"), "method", f"unknown method {self.method!r} (dml, mcl, lmcl)")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.cohort >= 1, "cohort", "must be >= 1")
+        need(len(self.members()) >= 2, "cohort", f"method {self.method!r} is mutual and needs at least 2 members, got "
+                                                  f"{len(self.members())}")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.max_steps >= 0, "max_steps", "must be >= 0")
+        need(self.log_every >= 1, "log_every", "must be >= 1")
+        need(self.ckpt_every >= 0, "ckpt_every", "must be >= 0")
+        need(self.m_per_class >= 1, "m_per_class", "must be >= 1")
+        need(self.workers >= 0, "workers", "must be >= 0")
+        need(self.amp in ("off", "bf16"), "amp", f"must be off or bf16, got {self.amp!r}")
+        need(self.schedule in (None, "cosine", "multistep"), "schedule", f"must be cosine or multistep, got {self.schedule!r}")
+        need(self.backend in ("auto", "reference", "triton"), "backend", f"must be auto, reference or triton, got {self.backend!r}")
+        need(self.k_chunk is None or self.k_chunk >= 1, "k_chunk", "must be >= 1")
+        for name in ("tau", "kd_T"):
+            v = getattr(self, name)
+            need(v is None or v > 0, name, f"must be > 0, got {v}")
+        need(self.pos_k >= 1 and self.neg_k >= 1, "pos_k", "pos_k and neg_k must be >= 1")
+
+    def members(self) -> list[str]:
+        """Architecture of every member: --arch given n > 1 times wins; one --arch (or none) × --cohort."""
+        if len(self.arch) > 1:
+            return list(self.arch)
+        return [self.arch[0] if self.arch else "resnet32"] * self.cohort
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
+
+
+# -- command line ----------------------------------------------------------------------------------------------------
+GROUPS = {"data": "data", "model": "model / cohort", "method": "method", "optim": "optimisation", "speed": "speed",
+          "run": "run"}
+
+
+def _base_type(tp):
+    """int | None → int; list[str] → str; bool stays bool."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0]
+    return tp
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastmcl.train",
+                                description="Train a cohort with online knowledge distillation (L-MCL, MCL, DML).")
+    p.add_argument("--config", default=None, help="YAML file of config fields; command-line flags override it")
+    groups = {k: p.add_argument_group(v) for k, v in GROUPS.items()}
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        base = _base_type(hints[f.name])
+        g = groups[meta["group"]]
+        if base is bool:
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=meta["help"])
+        elif meta.get("action") == "append":
+            g.add_argument(flag, dest=f.name, action="append", type=base, default=argparse.SUPPRESS, help=meta["help"])
+        else:
+            g.add_argument(flag, dest=f.name, type=base, nargs=meta.get("nargs"), default=argparse.SUPPRESS,
+                           help=meta["help"])
+    return p
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config: no such file {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config: {path} must hold a mapping of config fields")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"--config: {path} has unknown key(s) {', '.join(unknown)}")
+    return data
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults → YAML → flags. Errors are ValueError (unknown YAML keys) or argparse's exit 2 (bad flags)."""
+    args = vars(build_parser().parse_args(argv))
+    yaml_path = args.pop("config", None)
+    values = load_yaml(yaml_path) if yaml_path else {}
+    values.update(args)
+    try:
+        return TrainConfig(**values)
+    except TypeError as e:
+        raise ValueError(f"config: {e}") from None

@@ -1,0 +1,40 @@
+"""`python -m fastmcl.train`: the command-line entry point (see README). Bad input → one line on stderr, exit 2."""
+from __future__ import annotations
+
+import sys
+
+from .checkpoint import CheckpointError
+from .config import build_parser, load_yaml, parse_config
+from .trainer import NonFiniteLoss, Trainer, resume_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_config(argv)
+        state = None
+        if cfg.resume:
+            explicit = vars(build_parser().parse_args(argv))
+            yaml_path = explicit.pop("config", None)
+            overrides = {**(load_yaml(yaml_path) if yaml_path else {}), **explicit}
+            overrides.pop("resume", None)
+            cfg, state = resume_config(cfg.resume, overrides)
+        result = Trainer(cfg, resume_state=state).fit()
+    except NonFiniteLoss as e:
+        print(f"fastmcl: error: {e}; stopped, the last good checkpoint is kept in checkpoints/last.pt",
+              file=sys.stderr)
+        return 1
+    except (ValueError, CheckpointError) as e:  # DataError and CheckpointError are ValueErrors
+        print(f"fastmcl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastmcl: interrupted", file=sys.stderr)
+        return 130
+    if "eval" in result:
+        best = max(result["eval"].items(), key=lambda kv: kv[1][0])
+        print(f"fastmcl: done at step {result['step']}; best classifier {best[0]} top-1 {best[1][0]:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

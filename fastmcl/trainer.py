@@ -1,0 +1,244 @@
+"""The cohort trainer: one loop for every method (it reads `objective.needs`, never the method's name).
+
+step: batch → cohort forward (optional channels_last / bf16 autocast) → objective → one SGD step for the whole cohort
+and the objective's heads → objective.after_step (memory banks). Evaluation of every classifier the objective names,
+run directory (config.yaml, metrics.jsonl, TensorBoard, curves.png, checkpoints/last.pt + best.pt), exact resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .config import TrainConfig
+from .data import NegativeSampler
+from .methods import NEEDS_AUX, build_method
+from .methods.weights import ContrastWeights
+from .models import build_cohort
+from .pipeline import TrainData, detect_source
+from .run_log import RunLogger
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Per-epoch schedule as the official code (spec/lmcl.md §3): cosine 0.1·½(1+cos(π·ep/E)) or step decay."""
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    return cfg.lr * cfg.lr_decay ** sum(epoch >= m for m in cfg.milestones)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """One SGD for the whole cohort; fused on CUDA, foreach on CPU (apex's fused SGD lands with the fast trainer)."""
+    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                          weight_decay=cfg.weight_decay, **kind)
+    return opt, f"torch.optim.SGD({next(iter(kind))}=True)"
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume_state: dict | None = None):
+        source = detect_source(cfg)
+        self.cfg = cfg = cfg.resolve(cifar_style=source.cifar_style, demo=source.demo)
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        archs = cfg.members()
+        # In-batch contrast needs m samples per class in every batch (spec §3); other methods shuffle.
+        in_batch_contrast = cfg.method in ("mcl", "lmcl") and not cfg.memory_bank
+        self.data = TrainData(cfg, source, self.device, m_per_class=cfg.m_per_class if in_batch_contrast else 0)
+        self.cohort = build_cohort(archs, self.data.num_classes, aux=NEEDS_AUX[cfg.method],
+                                   shared_stem=cfg.shared_stem)
+        weights = ContrastWeights(cfg.alpha, cfg.gamma, cfg.beta, cfg.lam, tau=cfg.tau, kd_T=cfg.kd_T)
+        self.objective = build_method(cfg.method, feature_dims=self.cohort.feature_dims,
+                                      num_stages=self.cohort.num_stages, num_classes=self.data.num_classes,
+                                      memory_bank=bool(cfg.memory_bank), num_samples=len(self.data.labels),
+                                      weights=weights, feat_dim=cfg.feat_dim, pos_k=cfg.pos_k, nce_m=cfg.nce_m,
+                                      kd_T=cfg.kd_T, logit_kd=cfg.logit_kd, backend=cfg.backend,
+                                      k_chunk=cfg.k_chunk)
+        self.cohort.to(self.device)
+        self.objective.to(self.device)
+        if cfg.channels_last:
+            self.cohort.to(memory_format=torch.channels_last)
+        self.negatives = (NegativeSampler(self.data.labels, cfg.pos_k, cfg.neg_k, seed=cfg.seed).to(self.device)
+                          if self.objective.needs.memory_bank else None)
+        params = list(self.cohort.parameters()) + self.objective.main_parameters()
+        self.optimizer, self.optimizer_name = make_optimizer(params, cfg, self.device)
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.amp == "bf16"
+                         else nullcontext())
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.epoch, self.step, self.step_in_epoch, self.best_top1 = 0, 0, 0, -1.0
+        if resume_state is not None:
+            self._load_state(resume_state)
+        self._stop_signal: int | None = None
+
+    # -- state --------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"cohort": self.cohort.state_dict(), "objective": self.objective.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
+                "step_in_epoch": self.step_in_epoch, "best_top1": self.best_top1, "rng": capture_rng_state(),
+                "config": dataclasses.asdict(self.cfg)}
+
+    def _load_state(self, state: dict) -> None:
+        self.cohort.load_state_dict(state["cohort"])
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.step_in_epoch, self.best_top1 = int(state["step_in_epoch"]), float(state["best_top1"])
+        restore_rng_state(state["rng"])
+
+    def save(self, name: str = "last.pt") -> Path:
+        path = self.ckpt_dir / name
+        save_checkpoint(path, self.state_dict())
+        return path
+
+    # -- one step -----------------------------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> dict:
+        self.cohort.train()
+        self.objective.train()
+        contrast_idx = self.negatives(index, self.step) if self.negatives is not None else None
+        with self.autocast:
+            outputs = self.cohort(x)
+            out = self.objective(outputs, y, contrast_idx)
+        if not torch.isfinite(out.loss):
+            raise NonFiniteLoss(f"non-finite loss ({out.loss.item()}) at step {self.step} (epoch {self.epoch})")
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+        self.objective.after_step(out, index)
+        return {"loss": out.loss.detach(), **{k: v for k, v in out.terms.items()}}
+
+    # -- evaluation ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, tuple[float, float]]:
+        self.cohort.eval()
+        self.objective.eval()
+        correct1: dict[str, torch.Tensor] = {}
+        correct5: dict[str, torch.Tensor] = {}
+        total = 0
+        for x, y, _ in self.data.val_batches():
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.autocast:
+                named = self.objective.eval_logits(self.cohort(x))
+            for name, logits in named.items():
+                top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+                hit = top == y[:, None]
+                correct1[name] = correct1.get(name, 0) + hit[:, 0].sum()
+                correct5[name] = correct5.get(name, 0) + hit.any(1).sum()
+            total += y.shape[0]
+        return {n: (100.0 * float(correct1[n]) / total, 100.0 * float(correct5[n]) / total) for n in correct1}
+
+    # -- the loop -----------------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(self.out / "config.yaml")
+        log = RunLogger(self.out)
+        previous = signal.signal(signal.SIGTERM, self._on_signal)
+        deployed = self.objective.deployed
+        print(f"fastmcl: {cfg.method} | members {', '.join(cfg.members())} | data {self.data.source.kind} "
+              f"({len(self.data.labels)} train, {self.data.num_classes} classes) | "
+              f"{'memory bank' if cfg.memory_bank else 'in-batch'} | device {self.device} | optimizer "
+              f"{self.optimizer_name} | deployed: {deployed} (member 0's final classifier)", flush=True)
+        steps_per_epoch = self.data.steps_per_epoch()
+        last_eval: dict[str, tuple[float, float]] = {}
+        try:
+            while self.epoch < cfg.epochs and not self._done():
+                lr = lr_at(cfg, self.epoch)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                losses = []
+                batches = self.data.train_batches(self.epoch, self.step_in_epoch)
+                bar = tqdm(batches, total=steps_per_epoch - self.step_in_epoch, disable=not cfg.progress,
+                           desc=f"epoch {self.epoch}", leave=False, dynamic_ncols=True)
+                for x, y, index in bar:
+                    t0 = time.perf_counter()
+                    x = x.to(self.device, non_blocking=True)
+                    y, index = y.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
+                    terms = self.train_step(x, y, index)
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    loss = float(terms["loss"])
+                    losses.append(loss)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    ips = x.shape[0] / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{loss:.3f}", ips=f"{ips:.0f}")
+                    if self.step % cfg.log_every == 0:
+                        log.log_train(self.epoch, self.step, loss, lr, ips,
+                                      **{k: float(v) for k, v in terms.items() if k != "loss"})
+                    if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                        self.save()
+                    if self._stop_signal is not None or self._done():
+                        break
+                bar.close()
+                if self._stop_signal is not None:
+                    path = self.save()
+                    print(f"fastmcl: received signal {self._stop_signal} at step {self.step}: saved {path}, exiting",
+                          flush=True)
+                    return {"stopped": True, "step": self.step}
+                if self.step_in_epoch < steps_per_epoch:      # --max-steps ended mid-epoch
+                    self.save()
+                    break
+                last_eval = self._end_epoch(log, losses, deployed)
+            if not last_eval:
+                last_eval = self.evaluate()
+            return {"step": self.step, "epoch": self.epoch, "eval": last_eval, "best_top1": self.best_top1}
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            log.close()
+
+    def _done(self) -> bool:
+        return bool(self.cfg.max_steps) and self.step >= self.cfg.max_steps
+
+    def _end_epoch(self, log: RunLogger, losses: list[float], deployed: str) -> dict:
+        results = self.evaluate()
+        for name, (top1, top5) in results.items():
+            log.log_eval(self.epoch, self.step, name, top1, top5, deployed=name == deployed)
+        table = log.end_epoch(self.epoch, sum(losses) / max(len(losses), 1))
+        print(table, flush=True)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        top1 = results[deployed][0]
+        self.save()
+        if top1 > self.best_top1:
+            self.best_top1 = top1
+            self.save("best.pt")
+            self.save()  # keep best_top1 in last.pt too
+        return results
+
+
+def resume_config(run_dir: str | Path, overrides: dict) -> tuple[TrainConfig, dict]:
+    """The checkpoint's config with the explicitly given flags on top, and the checkpoint state."""
+    from .checkpoint import find_checkpoint
+    state = load_checkpoint(find_checkpoint(run_dir))
+    values = dict(state["config"])
+    values.update(overrides)
+    values["resume"] = str(run_dir)
+    values.setdefault("out", str(run_dir))
+    return TrainConfig(**values), state

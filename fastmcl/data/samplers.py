@@ -1,0 +1,193 @@
+"""Samplers whose output depends only on (seed, epoch) — never on the number of processes.
+
+Under DDP every rank builds the same global sampler and :class:`ShardedSampler` hands rank r the contiguous slice
+``[r*B/W, (r+1)*B/W)`` of every global batch of B indices, so 1 process with batch B and W processes with batch B/W
+see exactly the same global batches.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from . import _keyhash as kh
+from .errors import DataError
+
+__all__ = ["MPerClassSampler", "ShuffleSampler", "ShardedSampler"]
+
+
+def _labels_tensor(labels, name: str = "labels") -> torch.Tensor:
+    if isinstance(labels, torch.Tensor):
+        t = labels.detach().cpu()
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(labels))
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{name}: expected a 1-D sequence of integer labels ({e})") from None
+    if t.dim() != 1 or t.numel() == 0:
+        raise DataError(f"{name}: expected a non-empty 1-D sequence of labels, got shape {tuple(t.shape)}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise DataError(f"{name}: labels must be integers, got {t.dtype}")
+    return t.long()
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise DataError(f"{name}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise DataError(f"{name}: must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _epoch_generator(seed: int, epoch: int, tag: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(kh.seed64(seed, epoch, tag))
+    return g
+
+
+class MPerClassSampler(Sampler[int]):
+    """Class-balanced batches, pytorch-metric-learning's ``MPerClassSampler`` semantics (official CIFAR code, m=2).
+
+    Every consecutive chunk of ``batch_size`` indices holds ``batch_size // m`` distinct classes (a fresh random
+    subset, in random order, per batch) with ``m`` samples each, drawn without replacement within the class — or
+    with replacement for a class with fewer than ``m`` samples. Batches are independent draws, so an epoch need not
+    visit every sample. ``len(self)`` = ``length`` (default ``len(labels)``) rounded down to a multiple of
+    ``batch_size`` (CIFAR-100, B=128: 49,920 indices, 390 batches). Deterministic per (seed, epoch): call
+    :meth:`set_epoch`. ``batch_size`` is the GLOBAL batch; wrap in :class:`ShardedSampler` under DDP.
+
+    DataError: m < 1, batch_size not a multiple of m, batch_size // m > number of classes, length < batch_size.
+    """
+
+    def __init__(self, labels, m: int, batch_size: int, *, seed: int = 0, length: int | None = None) -> None:
+        labels = _labels_tensor(labels)
+        self.m = _check_int(m, "m", 1)
+        self.batch_size = _check_int(batch_size, "batch_size", 1)
+        if self.batch_size % self.m:
+            raise DataError(f"batch_size: must be a multiple of m={self.m}, got {self.batch_size}")
+        classes, inverse = torch.unique(labels, return_inverse=True)
+        self.num_classes = int(classes.numel())
+        self.classes_per_batch = self.batch_size // self.m
+        if self.classes_per_batch > self.num_classes:
+            raise DataError(f"batch_size: batch_size/m = {self.classes_per_batch} classes per batch, but the labels "
+                            f"have only {self.num_classes} classes")
+        self.seed = int(seed)
+        self.epoch = 0
+        total = len(labels) if length is None else _check_int(length, "length", 1)
+        self.length = total // self.batch_size * self.batch_size
+        if self.length == 0:
+            raise DataError(f"length: {total} indices per epoch is fewer than one batch of {self.batch_size}")
+        self._counts = torch.bincount(inverse, minlength=self.num_classes)
+        self._order = torch.argsort(inverse, stable=True)
+        self._start = torch.cumsum(self._counts, 0) - self._counts
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def batches(self) -> torch.Tensor:
+        """This epoch's global batches as a LongTensor [len // batch_size, batch_size] of dataset indices."""
+        g = _epoch_generator(self.seed, self.epoch, kh.TAG_MPERCLASS)
+        nb, cpb, m = self.length // self.batch_size, self.classes_per_batch, self.m
+        cls = torch.rand(nb, self.num_classes, generator=g).argsort(dim=1)[:, :cpb].reshape(-1)   # [P]
+        n = self._counts[cls]
+        norep = n >= m
+        picks = []
+        taken = torch.empty(cls.numel(), 0, dtype=torch.long)          # sorted slots already drawn (no-replacement)
+        for j in range(m):
+            upper = torch.where(norep, n - j, n)
+            r = (torch.rand(cls.numel(), generator=g, dtype=torch.float64) * upper).long()
+            r = torch.minimum(r, upper - 1)
+            for k in range(taken.shape[1]):                             # map r to the r-th untaken slot
+                r = r + (norep & (r >= taken[:, k])).long()
+            picks.append(r)
+            taken = torch.sort(torch.cat([taken, r[:, None]], dim=1), dim=1).values
+        slots = torch.stack(picks, dim=1)                                # [P, m]
+        idx = self._order[self._start[cls][:, None] + slots]
+        return idx.reshape(nb, self.batch_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.batches().reshape(-1).tolist())
+
+
+class ShuffleSampler(Sampler[int]):
+    """A permutation of ``range(num_samples)`` that depends only on (seed, epoch) — call :meth:`set_epoch`."""
+
+    def __init__(self, num_samples: int, *, seed: int = 0) -> None:
+        self.num_samples = _check_int(num_samples, "num_samples", 1)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        g = _epoch_generator(self.seed, self.epoch, kh.TAG_SHUFFLE)
+        return iter(torch.randperm(self.num_samples, generator=g).tolist())
+
+
+class ShardedSampler(Sampler[int]):
+    """Rank ``rank``'s share of a global sampler: the contiguous slice ``[rank*B/W, (rank+1)*B/W)`` of every global
+    batch of ``batch_size`` = B indices (default: ``sampler.batch_size``), W = ``world_size``. Use it with a
+    per-rank DataLoader batch of B/W; concatenating the ranks' batches in rank order gives the global batch.
+
+    A trailing partial global batch is dropped when ``drop_last`` (training: every rank steps alike); otherwise it is
+    split into contiguous near-equal parts (the first ``r % W`` ranks get one more; a rank's part may be empty), so
+    evaluation covers every index exactly once — reduce sums and counts, not per-rank means.
+    ``set_epoch`` is forwarded to the wrapped sampler.
+    """
+
+    def __init__(self, sampler: Sampler | Sequence[int], rank: int, world_size: int, *,
+                 batch_size: int | None = None, drop_last: bool = True) -> None:
+        self.world_size = _check_int(world_size, "world_size", 1)
+        self.rank = _check_int(rank, "rank", 0)
+        if self.rank >= self.world_size:
+            raise DataError(f"rank: must be < world_size={self.world_size}, got {self.rank}")
+        if batch_size is None:
+            batch_size = getattr(sampler, "batch_size", None)
+            if batch_size is None:
+                raise DataError("batch_size: give the global batch size (the wrapped sampler has no batch_size)")
+        self.batch_size = _check_int(batch_size, "batch_size", 1)
+        if self.batch_size % self.world_size:
+            raise DataError(f"batch_size: global batch {self.batch_size} is not divisible by "
+                            f"world_size={self.world_size}")
+        self.per_rank = self.batch_size // self.world_size
+        self.sampler = sampler
+        self.drop_last = bool(drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def _tail(self, r: int) -> tuple[int, int]:
+        base, extra = divmod(r, self.world_size)
+        lo = self.rank * base + min(self.rank, extra)
+        return lo, lo + base + (1 if self.rank < extra else 0)
+
+    def __len__(self) -> int:
+        total = len(self.sampler)
+        full, r = divmod(total, self.batch_size)
+        n = full * self.per_rank
+        if r and not self.drop_last:
+            lo, hi = self._tail(r)
+            n += hi - lo
+        return n
+
+    def __iter__(self) -> Iterator[int]:
+        idx = list(iter(self.sampler))
+        full, r = divmod(len(idx), self.batch_size)
+        out: list[int] = []
+        a = self.rank * self.per_rank
+        for k in range(full):
+            base = k * self.batch_size + a
+            out.extend(idx[base:base + self.per_rank])
+        if r and not self.drop_last:
+            lo, hi = self._tail(r)
+            out.extend(idx[full * self.batch_size + lo:full * self.batch_size + hi])
+        return iter(out)

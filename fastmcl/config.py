@@ -31,7 +31,8 @@ class TrainConfig:
     image_size: int | None = _f(None, "data", "train/val crop size (default: 32 for CIFAR-style data, 224 otherwise)")
     val_resize: int | None = _f(None, "data", "val resize before the center crop (default: image_size / 0.875)")
     workers: int = _f(2, "data", "DataLoader worker processes")
-    m_per_class: int = _f(2, "data", "samples per class in each batch for in-batch contrastive methods (MPerClassSampler)")
+    m_per_class: int | None = _f(None, "data", "samples per class in each batch for in-batch contrastive methods "
+                                               "(MPerClassSampler; default 2, the digits demo 16: 10 classes)")
     cache_dir: str = _f("", "data", "where the digits demo tree is written (default: ~/.cache/fastmcl)")
     # model / cohort
     arch: list[str] = _f([], "model", "architecture per member, repeatable (--arch resnet32 --arch wrn_40_2); "
@@ -88,6 +89,7 @@ class TrainConfig:
         if c.memory_bank is None:
             c.memory_bank = (not cifar_style) and c.method != "dml"
         c.epochs = c.epochs or (12 if demo else 300 if cifar_style else 100)
+        c.m_per_class = c.m_per_class or (16 if demo else 2)
         c.weight_decay = c.weight_decay if c.weight_decay is not None else (5e-4 if cifar_style else 1e-4)
         c.schedule = c.schedule or ("cosine" if cifar_style else "multistep")
         c.milestones = c.milestones or [30, 60, 90]
@@ -114,7 +116,7 @@ class TrainConfig:
         need(self.max_steps >= 0, "max_steps", "must be >= 0")
         need(self.log_every >= 1, "log_every", "must be >= 1")
         need(self.ckpt_every >= 0, "ckpt_every", "must be >= 0")
-        need(self.m_per_class >= 1, "m_per_class", "must be >= 1")
+        need(self.m_per_class is None or self.m_per_class >= 1, "m_per_class", "must be >= 1")
         need(self.workers >= 0, "workers", "must be >= 0")
         need(self.amp in ("off", "bf16"), "amp", f"must be off or bf16, got {self.amp!r}")
         need(self.schedule in (None, "cosine", "multistep"), "schedule", f"must be cosine or multistep, got {self.schedule!r}")

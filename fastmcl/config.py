@@ -64,6 +64,8 @@ class TrainConfig:
     schedule: str | None = _f(None, "optim", "cosine | multistep (default: cosine CIFAR-style, multistep ImageNet-style)")
     milestones: list[int] = _f([], "optim", "multistep epochs (default 30 60 90)", nargs="+")
     lr_decay: float = _f(0.1, "optim", "multistep factor")
+    warmup_epochs: float | None = _f(None, "optim", "linear warm-up from 0 over this many epochs, per step "
+                                                    "(default 0 as the papers; 2 for the digits demo)")
     max_steps: int = _f(0, "optim", "stop after this many steps in total (0 = run all epochs)")
     # speed
     device: str = _f("auto", "speed", "auto | cpu | cuda | cuda:N")
@@ -90,6 +92,7 @@ class TrainConfig:
             c.memory_bank = (not cifar_style) and c.method != "dml"
         c.epochs = c.epochs or (12 if demo else 300 if cifar_style else 100)
         c.m_per_class = c.m_per_class or (16 if demo else 2)
+        c.warmup_epochs = c.warmup_epochs if c.warmup_epochs is not None else (2.0 if demo else 0.0)
         c.weight_decay = c.weight_decay if c.weight_decay is not None else (5e-4 if cifar_style else 1e-4)
         c.schedule = c.schedule or ("cosine" if cifar_style else "multistep")
         c.milestones = c.milestones or [30, 60, 90]

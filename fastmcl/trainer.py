@@ -30,11 +30,17 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Per-epoch schedule as the official code (spec/lmcl.md §3): cosine 0.1·½(1+cos(π·ep/E)) or step decay."""
+def lr_at(cfg: TrainConfig, epoch: int, step_in_epoch: int = 0, steps_per_epoch: int = 1) -> float:
+    """Per-epoch schedule as the official code (spec/lmcl.md §3): cosine 0.1·½(1+cos(π·ep/E)) or step decay;
+    times an optional per-step linear warm-up over the first `warmup_epochs`."""
     if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-    return cfg.lr * cfg.lr_decay ** sum(epoch >= m for m in cfg.milestones)
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    else:
+        lr = cfg.lr * cfg.lr_decay ** sum(epoch >= m for m in cfg.milestones)
+    if cfg.warmup_epochs:
+        progress = (epoch + (step_in_epoch + 1) / steps_per_epoch) / cfg.warmup_epochs
+        lr *= min(1.0, progress)
+    return lr
 
 
 def pick_device(name: str) -> torch.device:
@@ -169,15 +175,15 @@ class Trainer:
         last_eval: dict[str, tuple[float, float]] = {}
         try:
             while self.epoch < cfg.epochs and not self._done():
-                lr = lr_at(cfg, self.epoch)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
                 losses = []
                 batches = self.data.train_batches(self.epoch, self.step_in_epoch)
                 bar = tqdm(batches, total=steps_per_epoch - self.step_in_epoch, disable=not cfg.progress,
                            desc=f"epoch {self.epoch}", leave=False, dynamic_ncols=True)
                 for x, y, index in bar:
                     t0 = time.perf_counter()
+                    lr = lr_at(cfg, self.epoch, self.step_in_epoch, steps_per_epoch)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
                     x = x.to(self.device, non_blocking=True)
                     y, index = y.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
                     terms = self.train_step(x, y, index)

@@ -1,17 +1,38 @@
 """Backend choice for the contrastive losses: `reference` (plain PyTorch, the oracle) or `triton` (fused kernels)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 BACKENDS = ("auto", "reference", "triton")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """`auto` picks `triton` on CUDA once the fused kernels exist, `reference` otherwise."""
+    """`auto` → `triton` for CUDA tensors when the fused kernels are available, else `reference`.
+
+    `triton` on CPU tensors runs only under TRITON_INTERPRET=1 (the interpreter, for tests); otherwise it is refused
+    loudly rather than silently falling back.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "triton":
-        # Loud, not a silent fallback: the fused kernels are not part of the package yet.
-        raise NotImplementedError("backend='triton' is not available yet (fused kernels are not built); "
-                                  "use backend='reference' or 'auto'")
-    return "reference"
+    if backend == "reference":
+        return "reference"
+    ok, why = triton_usable(device)
+    if backend == "auto":
+        return "triton" if ok and device.type == "cuda" else "reference"
+    if not ok:
+        raise NotImplementedError(f"backend='triton' cannot run here: {why}; use backend='reference' or 'auto'")
+    return "triton"
+
+
+def triton_usable(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False, f"tensors are on {device.type} (set TRITON_INTERPRET=1 to run the kernels in the interpreter)"
+    try:
+        from fastmcl import kernels
+    except ImportError as e:  # triton missing or broken
+        return False, f"the kernels do not import ({e})"
+    if not getattr(kernels, "AVAILABLE", False):
+        return False, "the fused kernels are not built yet"
+    return True, ""

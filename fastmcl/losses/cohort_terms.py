@@ -39,10 +39,8 @@ def _plan_indices(plan: ContrastPlan, device: torch.device) -> dict[str, Tensor]
         "kl_row": t([e[3] for e in plan.kl]),
         "net_of": t(list(plan.net_of)),
         # bank setting: which distinct blocks are view (same network) or cross blocks
-        "ce_view": t([n for n, b in enumerate(plan.ce_blocks) if plan.is_view_block(b)]),
-        "ce_cross": t([n for n, b in enumerate(plan.ce_blocks) if not plan.is_view_block(b)]),
-        "kl_view": t([n for n, (s, _) in enumerate(plan.kl_blocks) if plan.is_view_block(s)]),
-        "kl_cross": t([n for n, (s, _) in enumerate(plan.kl_blocks) if not plan.is_view_block(s)]),
+        "ce_is_view": torch.tensor([plan.is_view_block(b) for b in plan.ce_blocks], dtype=torch.bool, device=device),
+        "kl_is_view": torch.tensor([plan.is_view_block(s) for s, _ in plan.kl_blocks], dtype=torch.bool, device=device),
     }
 
 
@@ -79,18 +77,31 @@ def cohort_contrastive_terms(embeddings: list[Tensor], labels: Tensor, plan: Con
     """In-batch setting. embeddings: flat list of NE tensors [B, D] in the plan's order; weights [P, B] or None."""
     B, _ = _check_common(embeddings, plan, weights, tau, kd_T)
     checks.check_labels(labels, B, embeddings[0].device)
-    resolve_backend(backend, embeddings[0].device)
+    use = resolve_backend(backend, embeddings[0].device)
 
-    dtype = compute_dtype(embeddings[0])
-    E = torch.stack([e.to(dtype) for e in embeddings])                # [NE, B, D]
-    NE, _, D = E.shape
+    E = _stack(embeddings)
+    ix = _plan_indices(plan, E.device)
+    rows_fn = inbatch_rows_reference if use == "reference" else _kernels().inbatch_rows
+    ce, kl = rows_fn(E, labels, ix["ce_u"], ix["ce_v"], ix["kl_su"], ix["kl_sv"], ix["kl_tu"], ix["kl_tv"],
+                     tau, kd_T)
+    return _combine(ce, kl, ix, weights, kd_T)
+
+
+def inbatch_rows_reference(E: Tensor, labels: Tensor, ce_u: Tensor, ce_v: Tensor, kl_su: Tensor, kl_sv: Tensor,
+                           kl_tu: Tensor, kl_tv: Tensor, tau: float, kd_T: float) -> tuple[Tensor, Tensor]:
+    """Per-row statistics of the distinct in-batch blocks: the contract every in-batch kernel implements.
+
+    E [NE, B, D]; block (u, v) = e_u e_vᵀ/τ. Returns ce [Nc, B] = supcon rows of blocks (ce_u, ce_v) with P = same
+    label off the diagonal and the diagonal out of the denominator (Q1), and kl [Nk, B] = KL rows at temperature T
+    between student blocks (kl_su, kl_sv) and detached teacher blocks (kl_tu, kl_tv).
+    """
+    NE, B, D = E.shape
     flat = E.reshape(NE * B, D)
     G = (flat @ flat.T / tau).reshape(NE, B, NE, B).transpose(1, 2)    # G[u, v] = e_u e_vᵀ / τ, one GEMM
-    ix = _plan_indices(plan, E.device)
     pos, denom = inbatch_masks(labels)
-    ce = supcon_rows(G[ix["ce_u"], ix["ce_v"]], pos, denom)
-    kl = kl_rows(G[ix["kl_su"], ix["kl_sv"]], G[ix["kl_tu"], ix["kl_tv"]], kd_T)
-    return _combine(ce, kl, ix, weights, kd_T)
+    ce = supcon_rows(G[ce_u, ce_v], pos, denom)
+    kl = kl_rows(G[kl_su, kl_sv], G[kl_tu, kl_tv], kd_T)
+    return ce, kl
 
 
 def cohort_bank_contrastive_terms(embeddings: list[Tensor], banks: list[Tensor], idx: Tensor, plan: ContrastPlan, *,
@@ -104,33 +115,69 @@ def cohort_bank_contrastive_terms(embeddings: list[Tensor], banks: list[Tensor],
     """
     B, D = _check_common(embeddings, plan, weights, tau, kd_T)
     n_nets = max(plan.net_of) + 1
-    if not isinstance(banks, (list, tuple)) or len(banks) != n_nets:
-        raise ValueError(f"banks must be a list of {n_nets} tensors (one per network), got {type(banks).__name__}"
-                         f"{'' if not isinstance(banks, (list, tuple)) else f' of length {len(banks)}'}")
-    n_rows = checks.check_banks(list(banks), D, [f"banks[{i}]" for i in range(n_nets)])
-    checks.check_index(idx, B, pos_k, n_rows)
+    banks = _bank_tensor(banks, n_nets)
+    n_rows = checks.check_banks(list(banks.unbind(0)), D, [f"banks[{i}]" for i in range(n_nets)])
+    checks.check_index(idx, B, pos_k, n_rows, check_range=True)
     if k_chunk is not None and (not isinstance(k_chunk, int) or k_chunk < 1):
         raise ValueError(f"k_chunk must be None or an int >= 1, got {k_chunk!r}")
-    resolve_backend(backend, embeddings[0].device)
+    use = resolve_backend(backend, embeddings[0].device)
 
-    dtype = compute_dtype(embeddings[0])
-    E = torch.stack([e.to(dtype) for e in embeddings])                # [NE, B, D]
-    idx = idx.long()
-    # L[u, m] = e_u · Mem_m[idx]ᵀ / τ: depends on the contrast side only through the bank (spec §4.2).
-    L = torch.stack([bank_logits_all(E, bank.to(dtype), idx, k_chunk) for bank in banks], dim=1) / tau
+    E = _stack(embeddings)
     ix = _plan_indices(plan, E.device)
     net_of = ix["net_of"]
-    # View blocks (VCL) drop the own column: K−1 columns, first pos_k positive; cross blocks (ICL) keep all K.
-    ce = L.new_empty(len(plan.ce_blocks), B)
-    kl = L.new_empty(len(plan.kl_blocks), B)
-    for view, drop, n_pos in (("view", 1, pos_k), ("cross", 0, 1 + pos_k)):
-        sel = ix[f"ce_{view}"]
-        if sel.numel():
-            rows = L[ix["ce_u"][sel], net_of[ix["ce_v"][sel]], :, drop:]
-            ce = ce.index_copy(0, sel, leading_positive_rows(rows, n_pos))
-        sel = ix[f"kl_{view}"]
-        if sel.numel():
-            student = L[ix["kl_su"][sel], net_of[ix["kl_sv"][sel]], :, drop:]
-            teacher = L[ix["kl_tu"][sel], net_of[ix["kl_tv"][sel]], :, drop:]
-            kl = kl.index_copy(0, sel, kl_rows(student, teacher, kd_T))
+    args = (E, banks.detach(), idx.long(), ix["ce_u"], net_of[ix["ce_v"]], ix["ce_is_view"], ix["kl_su"],
+            net_of[ix["kl_sv"]], ix["kl_tu"], net_of[ix["kl_tv"]], ix["kl_is_view"], tau, kd_T, pos_k)
+    if use == "reference":
+        ce, kl = bank_rows_reference(*args, k_chunk=k_chunk)
+    else:
+        ce, kl = _kernels().bank_rows(*args)
     return _combine(ce, kl, ix, weights, kd_T)
+
+
+def bank_rows_reference(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_m: Tensor, ce_view: Tensor,
+                        kl_su: Tensor, kl_sm: Tensor, kl_tu: Tensor, kl_tm: Tensor, kl_view: Tensor, tau: float,
+                        kd_T: float, pos_k: int, *, k_chunk: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per-row statistics of the distinct bank blocks: the contract every memory-bank kernel implements.
+
+    E [NE, B, D]; banks [n, N, D] (never differentiated); idx [B, K]. Block (u, m) has logits e_u · banks[m][idx]ᵀ/τ.
+    A view block (VCL) drops column 0 and has pos_k leading positives; a cross block (ICL) keeps all K columns with
+    1 + pos_k leading positives. Returns ce [Nc, B] (rows of blocks (ce_u, ce_m)) and kl [Nk, B] (KL rows at T of
+    student (kl_su, kl_sm) vs detached teacher (kl_tu, kl_tm); both sides share the view flag).
+    """
+    B = E.shape[1]
+    # L[u, m] = e_u · Mem_m[idx]ᵀ / τ: depends on the contrast side only through the bank (spec §4.2).
+    L = torch.stack([bank_logits_all(E, bank.to(E.dtype), idx, k_chunk) for bank in banks], dim=1) / tau
+    ce = L.new_empty(ce_u.shape[0], B)
+    kl = L.new_empty(kl_su.shape[0], B)
+    for view, drop, n_pos in ((True, 1, pos_k), (False, 0, 1 + pos_k)):
+        sel = (ce_view == view).nonzero().flatten()
+        if sel.numel():
+            ce = ce.index_copy(0, sel, leading_positive_rows(L[ce_u[sel], ce_m[sel], :, drop:], n_pos))
+        sel = (kl_view == view).nonzero().flatten()
+        if sel.numel():
+            student = L[kl_su[sel], kl_sm[sel], :, drop:]
+            teacher = L[kl_tu[sel], kl_tm[sel], :, drop:]
+            kl = kl.index_copy(0, sel, kl_rows(student, teacher, kd_T))
+    return ce, kl
+
+
+def _stack(embeddings: list[Tensor]) -> Tensor:
+    dtype = compute_dtype(embeddings[0])
+    return torch.stack([e.to(dtype) for e in embeddings])             # [NE, B, D]
+
+
+def _bank_tensor(banks, n_nets: int) -> Tensor:
+    """Accept one [n, N, D] tensor (MemoryBank.memory, no copy) or a list of n [N, D] banks."""
+    if isinstance(banks, Tensor) and banks.dim() == 3 and banks.shape[0] == n_nets:
+        return banks
+    if isinstance(banks, (list, tuple)) and len(banks) == n_nets and all(isinstance(b, Tensor) for b in banks):
+        for i, b in enumerate(banks):
+            if b.dim() != 2 or b.shape != banks[0].shape:
+                raise ValueError(f"banks[{i}] must be [N, D] like banks[0] {tuple(banks[0].shape)}, got {tuple(b.shape)}")
+        return torch.stack(list(banks))
+    raise ValueError(f"banks must be a [{n_nets}, N, D] tensor or a list of {n_nets} [N, D] tensors (one per network)")
+
+
+def _kernels():
+    from fastmcl import kernels  # imported lazily: triton is only needed on the fused path
+    return kernels

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 
 class MemoryBank(nn.Module):
-    """banks[i] is network i's memory [N, D] (buffers: checkpointed, moved with `.to`, never differentiated).
+    """`memory` [n, N, D] holds network i's memory at [i] (a buffer: checkpointed, moved with `.to`, never
+    differentiated; one tensor so the fused kernels read every bank without a copy).
 
     Initialised U(−s, s) with s = 1/sqrt(D/3) as the official code; `update` writes
     m ← normalize(momentum·m + (1−momentum)·e) for the own indices under no_grad.
@@ -23,14 +24,14 @@ class MemoryBank(nn.Module):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
         stdv = 1.0 / math.sqrt(dim / 3)
-        for i in range(num_nets):
-            init = torch.rand(num_samples, dim, generator=generator) * (2 * stdv) - stdv
-            self.register_buffer(f"memory_{i}", init)
+        init = torch.rand(num_nets, num_samples, dim, generator=generator) * (2 * stdv) - stdv
+        self.register_buffer("memory", init)
         self.num_nets = num_nets
 
     @property
     def banks(self) -> list[Tensor]:
-        return [getattr(self, f"memory_{i}") for i in range(self.num_nets)]
+        """Views of `memory`, one [N, D] per network."""
+        return list(self.memory.unbind(0))
 
     @torch.no_grad()
     def update(self, net: int, index: Tensor, embedding: Tensor) -> None:

@@ -94,3 +94,9 @@ def mcl_plan(num_nets: int) -> ContrastPlan:
                 ce += [(ICL, (i, j), 0), (ICL, (j, i), 0)]
                 kl += [(SOFT_ICL, (i, j), (j, i), 0), (SOFT_ICL, (j, i), (i, j), 0)]
     return ContrastPlan(tuple(range(num_nets)), tuple(ce), tuple(kl), num_weight_rows=1)
+
+
+def pair_plan() -> ContrastPlan:
+    """One official pair call on two embeddings of two networks: the single-pair API through the cohort engine."""
+    ce, kl = pair_call_entries(0, 1, 0)
+    return ContrastPlan((0, 1), tuple(ce), tuple(kl), num_weight_rows=1)

@@ -51,7 +51,7 @@ class LMCL(Objective):
             c = cohort_contrastive_terms(emb, labels, self.plan, weights=weights, tau=self.w.tau, kd_T=self.w.kd_T,
                                          backend=self.backend)
         else:
-            c = cohort_bank_contrastive_terms(emb, self.memory.banks, contrast_idx, self.plan, weights=weights,
+            c = cohort_bank_contrastive_terms(emb, self.memory.memory, contrast_idx, self.plan, weights=weights,
                                               tau=self.w.tau, kd_T=self.w.kd_T, pos_k=self.pos_k,
                                               k_chunk=self.k_chunk, backend=self.backend)
         ends = torch.tensor(self.num_stages).cumsum(0) - 1

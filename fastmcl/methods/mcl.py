@@ -44,7 +44,7 @@ class MCL(Objective):
             c = cohort_contrastive_terms(emb, labels, self.plan, tau=self.w.tau, kd_T=self.w.kd_T,
                                          backend=self.backend)
         else:
-            c = cohort_bank_contrastive_terms(emb, self.memory.banks, contrast_idx, self.plan, tau=self.w.tau,
+            c = cohort_bank_contrastive_terms(emb, self.memory.memory, contrast_idx, self.plan, tau=self.w.tau,
                                               kd_T=self.w.kd_T, pos_k=self.pos_k, k_chunk=self.k_chunk,
                                               backend=self.backend)
         terms.update(self.w.weighted(c))

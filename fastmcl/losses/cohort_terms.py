@@ -73,22 +73,31 @@ def _check_common(embeddings: list[Tensor], plan: ContrastPlan, weights, tau, kd
 
 def cohort_contrastive_terms(embeddings: list[Tensor], labels: Tensor, plan: ContrastPlan, *,
                              weights: Tensor | None = None, tau: float = 0.1, kd_T: float = 3.0,
-                             backend: str = "reference") -> ContrastiveTerms:
-    """In-batch setting. embeddings: flat list of NE tensors [B, D] in the plan's order; weights [P, B] or None."""
+                             backend: str = "reference", student_out: list | None = None) -> ContrastiveTerms:
+    """In-batch setting. embeddings: flat list of NE tensors [B, D] in the plan's order; weights [P, B] or None.
+
+    `student_out` (meta phase only, reference backend): a list that receives the student copy of the logits; the
+    teacher copy is then NOT detached, so the meta phase can form ∇θ with the teacher held fixed while keeping the
+    teacher's dependence on θ for its second derivatives (see fastmcl/meta.py).
+    """
     B, _ = _check_common(embeddings, plan, weights, tau, kd_T)
     checks.check_labels(labels, B, embeddings[0].device)
     use = resolve_backend(backend, embeddings[0].device)
 
     E = _stack(embeddings)
     ix = _plan_indices(plan, E.device)
-    rows_fn = inbatch_rows_reference if use == "reference" else _kernels().inbatch_rows
-    ce, kl = rows_fn(E, labels, ix["ce_u"], ix["ce_v"], ix["kl_su"], ix["kl_sv"], ix["kl_tu"], ix["kl_tv"],
-                     tau, kd_T)
+    args = (E, labels, ix["ce_u"], ix["ce_v"], ix["kl_su"], ix["kl_sv"], ix["kl_tu"], ix["kl_tv"], tau, kd_T)
+    if use == "reference":
+        ce, kl = inbatch_rows_reference(*args, student_out=student_out)
+    else:
+        _no_split(student_out)
+        ce, kl = _kernels().inbatch_rows(*args)
     return _combine(ce, kl, ix, weights, kd_T)
 
 
 def inbatch_rows_reference(E: Tensor, labels: Tensor, ce_u: Tensor, ce_v: Tensor, kl_su: Tensor, kl_sv: Tensor,
-                           kl_tu: Tensor, kl_tv: Tensor, tau: float, kd_T: float) -> tuple[Tensor, Tensor]:
+                           kl_tu: Tensor, kl_tv: Tensor, tau: float, kd_T: float, *,
+                           student_out: list | None = None) -> tuple[Tensor, Tensor]:
     """Per-row statistics of the distinct in-batch blocks: the contract every in-batch kernel implements.
 
     E [NE, B, D]; block (u, v) = e_u e_vᵀ/τ. Returns ce [Nc, B] = supcon rows of blocks (ce_u, ce_v) with P = same
@@ -98,16 +107,32 @@ def inbatch_rows_reference(E: Tensor, labels: Tensor, ce_u: Tensor, ce_v: Tensor
     NE, B, D = E.shape
     flat = E.reshape(NE * B, D)
     G = (flat @ flat.T / tau).reshape(NE, B, NE, B).transpose(1, 2)    # G[u, v] = e_u e_vᵀ / τ, one GEMM
+    G_s, G_t = _split(G, student_out)
     pos, denom = inbatch_masks(labels)
-    ce = supcon_rows(G[ce_u, ce_v], pos, denom)
-    kl = kl_rows(G[kl_su, kl_sv], G[kl_tu, kl_tv], kd_T)
+    ce = supcon_rows(G_s[ce_u, ce_v], pos, denom)
+    kl = kl_rows(G_s[kl_su, kl_sv], G_t[kl_tu, kl_tv], kd_T, detach_teacher=student_out is None)
     return ce, kl
+
+
+def _split(S: Tensor, student_out: list | None) -> tuple[Tensor, Tensor]:
+    """(student, teacher) views of the logits: the same tensor normally (the teacher is detached in `kl_rows`), or
+    two separate graph nodes, the student one handed out, for the meta phase."""
+    if student_out is None:
+        return S, S
+    student = S.clone()
+    student_out.append(student)
+    return student, S.clone()
+
+
+def _no_split(student_out: list | None) -> None:
+    if student_out is not None:
+        raise ValueError("student_out (the meta phase's split teacher) needs backend='reference'")
 
 
 def cohort_bank_contrastive_terms(embeddings: list[Tensor], banks: list[Tensor], idx: Tensor, plan: ContrastPlan, *,
                                   weights: Tensor | None = None, tau: float = 0.07, kd_T: float = 3.0,
                                   pos_k: int = 1, k_chunk: int | None = None,
-                                  backend: str = "reference") -> ContrastiveTerms:
+                                  backend: str = "reference", student_out: list | None = None) -> ContrastiveTerms:
     """Memory-bank setting. banks[i]: network i's memory [N, D]; idx [B, K] = [own, pos_k positives, negatives].
 
     k_chunk=None gathers each bank once with autograd (keeps [B, K, D] per bank for backward); an int streams K in
@@ -128,15 +153,17 @@ def cohort_bank_contrastive_terms(embeddings: list[Tensor], banks: list[Tensor],
     args = (E, banks.detach(), idx.long(), ix["ce_u"], net_of[ix["ce_v"]], ix["ce_is_view"], ix["kl_su"],
             net_of[ix["kl_sv"]], ix["kl_tu"], net_of[ix["kl_tv"]], ix["kl_is_view"], tau, kd_T, pos_k)
     if use == "reference":
-        ce, kl = bank_rows_reference(*args, k_chunk=k_chunk)
+        ce, kl = bank_rows_reference(*args, k_chunk=k_chunk, student_out=student_out)
     else:
+        _no_split(student_out)
         ce, kl = _kernels().bank_rows(*args)
     return _combine(ce, kl, ix, weights, kd_T)
 
 
 def bank_rows_reference(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_m: Tensor, ce_view: Tensor,
                         kl_su: Tensor, kl_sm: Tensor, kl_tu: Tensor, kl_tm: Tensor, kl_view: Tensor, tau: float,
-                        kd_T: float, pos_k: int, *, k_chunk: int | None = None) -> tuple[Tensor, Tensor]:
+                        kd_T: float, pos_k: int, *, k_chunk: int | None = None,
+                        student_out: list | None = None) -> tuple[Tensor, Tensor]:
     """Per-row statistics of the distinct bank blocks: the contract every memory-bank kernel implements.
 
     E [NE, B, D]; banks [n, N, D] (never differentiated); idx [B, K]. Block (u, m) has logits e_u · banks[m][idx]ᵀ/τ.
@@ -147,17 +174,18 @@ def bank_rows_reference(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_
     B = E.shape[1]
     # L[u, m] = e_u · Mem_m[idx]ᵀ / τ: depends on the contrast side only through the bank (spec §4.2).
     L = torch.stack([bank_logits_all(E, bank.to(E.dtype), idx, k_chunk) for bank in banks], dim=1) / tau
+    L_s, L_t = _split(L, student_out)
     ce = L.new_empty(ce_u.shape[0], B)
     kl = L.new_empty(kl_su.shape[0], B)
     for view, drop, n_pos in ((True, 1, pos_k), (False, 0, 1 + pos_k)):
         sel = (ce_view == view).nonzero().flatten()
         if sel.numel():
-            ce = ce.index_copy(0, sel, leading_positive_rows(L[ce_u[sel], ce_m[sel], :, drop:], n_pos))
+            ce = ce.index_copy(0, sel, leading_positive_rows(L_s[ce_u[sel], ce_m[sel], :, drop:], n_pos))
         sel = (kl_view == view).nonzero().flatten()
         if sel.numel():
-            student = L[kl_su[sel], kl_sm[sel], :, drop:]
-            teacher = L[kl_tu[sel], kl_tm[sel], :, drop:]
-            kl = kl.index_copy(0, sel, kl_rows(student, teacher, kd_T))
+            student = L_s[kl_su[sel], kl_sm[sel], :, drop:]
+            teacher = L_t[kl_tu[sel], kl_tm[sel], :, drop:]
+            kl = kl.index_copy(0, sel, kl_rows(student, teacher, kd_T, detach_teacher=student_out is None))
     return ce, kl
 
 

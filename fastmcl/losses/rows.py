@@ -29,13 +29,15 @@ def leading_positive_rows(logits: Tensor, n_pos: int) -> Tensor:
     return torch.logsumexp(logits, dim=-1) - logits[..., :n_pos].mean(-1)
 
 
-def kl_rows(student: Tensor, teacher: Tensor, T: float) -> Tensor:
-    """Σ_j p_t (log p_t − log p_s) per row with p = softmax(S / T) over all columns; the teacher is detached.
+def kl_rows(student: Tensor, teacher: Tensor, T: float, *, detach_teacher: bool = True) -> Tensor:
+    """Σ_j p_t (log p_t − log p_s) per row with p = softmax(S / T) over all columns; the teacher is detached
+    (`detach_teacher=False` only for the meta phase's split-teacher gradient, see fastmcl/meta.py).
 
     Centred form (DESIGN.md "Kernels"): log p_t − log p_s = (S_t − S_s)/T − (lse_t − lse_s), which keeps fp32
     accurate where subtracting two log-softmaxes loses ~4e-5 relative.
     """
-    teacher = teacher.detach()
+    if detach_teacher:
+        teacher = teacher.detach()
     s = student / T
     t = teacher / T
     lse_s = torch.logsumexp(s, dim=-1)

@@ -42,6 +42,9 @@ class Objective(nn.Module):
         """Every classifier to evaluate, by name: members first as `net{i}`."""
         return {f"net{i}": o.logits[-1] for i, o in enumerate(outputs)}
 
+    #: whether the objective has a meta phase (inner_loss / outer_loss / virtual_parameter_prefixes)
+    supports_meta: bool = False
+
     def meta_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by a separate (meta) optimizer, excluded from the main one."""
         return []

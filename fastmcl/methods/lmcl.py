@@ -22,7 +22,8 @@ from .weights import ContrastWeights
 class LMCL(Objective):
     def __init__(self, feature_dims: list[int], num_stages: list[int], num_classes: int, *,
                  weights: ContrastWeights, memory_bank: bool = False, num_samples: int = 0, feat_dim: int = 128,
-                 pos_k: int = 1, nce_m: float = 0.5, backend: str = "reference", k_chunk: int | None = None):
+                 pos_k: int = 1, nce_m: float = 0.5, backend: str = "reference", k_chunk: int | None = None,
+                 meta_proj_dim: int = 128):
         super().__init__()
         n = len(feature_dims)
         self.needs = MethodNeeds(aux=True, memory_bank=memory_bank, m_per_class=0 if memory_bank else 2)
@@ -31,7 +32,7 @@ class LMCL(Objective):
         self.heads = nn.ModuleList(nn.ModuleList(EmbedHead(feature_dims[i], feat_dim) for _ in range(num_stages[i]))
                                    for i in range(n))
         self.aggregators = nn.ModuleList(Aggregator(num_stages[i], feature_dims[i], num_classes) for i in range(n))
-        self.meta_net = MetaWeightNet([[feature_dims[i]] * num_stages[i] for i in range(n)])
+        self.meta_net = MetaWeightNet([[feature_dims[i]] * num_stages[i] for i in range(n)], meta_proj_dim)
         self.pairs = layer_pairs(self.num_stages)
         self.plan = lmcl_plan(self.num_stages)
         self.memory = MemoryBank(n, num_samples, feat_dim, nce_m) if memory_bank else None
@@ -40,20 +41,43 @@ class LMCL(Objective):
     def meta_parameters(self) -> list[nn.Parameter]:
         return list(self.meta_net.parameters())
 
+    # -- the meta phase's objectives (spec §2.4) ---------------------------------------------------------------------
+    supports_meta = True
+
+    def virtual_parameter_prefixes(self) -> list[str]:
+        """Besides the networks, the meta phase's virtual SGD steps move the projection heads (MetaSGD wraps
+        net + criterion_mcl, spec §2.4)."""
+        return ["heads."]
+
+    def inner_loss(self, outputs, labels: Tensor, contrast_idx: Tensor | None,
+                   student_out: list | None = None) -> Tensor:
+        """Weighted contrastive loss with the matching weights WITH gradient to the meta-network. With
+        `student_out`, the student logits are handed out and the KL teachers stay attached (fastmcl/meta.py)."""
+        weights = self.matching_weights(outputs)
+        if student_out is not None:
+            student_out.append(weights)
+        contrast, _ = self.contrastive(outputs, labels, contrast_idx, weights, student_out)
+        return torch.stack(list(contrast.values())).sum()
+
+    def outer_loss(self, outputs, labels: Tensor) -> Tensor:
+        """Σ stage CE (no aggregator, no KD)."""
+        return sum_ce([z for o in outputs for z in o.logits], labels, cross_entropy)
+
     def matching_weights(self, outputs) -> Tensor:
         """[P, B] per-pair per-sample weights from the raw stage features (spec §2.3)."""
         return self.meta_net([list(o.features) for o in outputs], self.pairs)
 
-    def contrastive(self, outputs, labels: Tensor, contrast_idx: Tensor | None, weights: Tensor):
+    def contrastive(self, outputs, labels: Tensor, contrast_idx: Tensor | None, weights: Tensor,
+                    student_out: list | None = None):
         """(weighted α/γ/β/λ terms, per-network final embeddings) — also the meta phase's inner objective."""
         emb = [head(f) for heads, o in zip(self.heads, outputs) for head, f in zip(heads, o.features)]
         if self.memory is None:
             c = cohort_contrastive_terms(emb, labels, self.plan, weights=weights, tau=self.w.tau, kd_T=self.w.kd_T,
-                                         backend=self.backend)
+                                         backend=self.backend, student_out=student_out)
         else:
             c = cohort_bank_contrastive_terms(emb, self.memory.memory, contrast_idx, self.plan, weights=weights,
                                               tau=self.w.tau, kd_T=self.w.kd_T, pos_k=self.pos_k,
-                                              k_chunk=self.k_chunk, backend=self.backend)
+                                              k_chunk=self.k_chunk, backend=self.backend, student_out=student_out)
         ends = torch.tensor(self.num_stages).cumsum(0) - 1
         return self.w.weighted(c), [emb[int(e)] for e in ends]
 

@@ -1,0 +1,170 @@
+"""L-MCL meta-optimisation of the layer-matching weights (spec/lmcl.md §2.3–2.4), functional instead of
+copy-and-restore: the virtual SGD steps run on detached copies of the parameters through
+`torch.func.functional_call`, so no model is deep-copied and nothing a virtual step does can leak into the real
+networks, heads, BN statistics, optimizer state or memory banks.
+
+One meta phase on a batch (x, y), at the current learning rate lr:
+  θ₀ = networks + projection heads;  MetaSGD momentum starts at zero (the official MetaSGD state is rolled back after
+  every phase, so its buffers are always empty), momentum μ = 0.9, weight decay as the real optimizer, no Nesterov.
+  t = 0 .. inner−1:  θ_{t+1} = SGD(θ_t, ∇θ L_inner(θ_t; w = MetaNet_φ(features(θ_t))))   (weights WITH gradient)
+  θ_{inner+1}     = SGD(θ_inner, ∇θ L_outer(θ_inner))                                    (Σ stage CE)
+  hypergradient   = ∂ L_outer(θ_{inner+1}) / ∂φ
+then φ ← the meta optimizer's step (SGD, Nesterov, momentum 0.9, lr on the main schedule).
+
+Modes: `second-order` differentiates through every step exactly (Hessian-vector products included);
+`first-order` takes each update's Jacobian ∂θ_{t+1}/∂θ_t as the identity (drops the Hessian and weight-decay terms,
+keeps momentum as a scalar factor) but keeps the mixed term ∂²L_inner/∂θ∂φ through which the weights act at all:
+hypergradient ≈ −Σ_t c_t ∂/∂φ ⟨∇θ L_inner(θ_t, φ), ∇θ L_outer(θ_T)⟩ with c_t = lr·Σ_{s=t}^{T−1} μ^{s−t}.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+META_MODES = ("second-order", "first-order", "off")
+
+
+class _Joint(nn.Module):
+    """Cohort + objective under one parameter namespace, so one functional_call swaps both."""
+
+    def __init__(self, cohort: nn.Module, objective: nn.Module):
+        super().__init__()
+        self.cohort = cohort
+        self.objective = objective
+
+    def forward(self, x: Tensor, labels: Tensor, contrast_idx: Tensor | None, kind: str,
+                capture: list | None = None) -> Tensor:
+        outputs = self.cohort(x)
+        if kind == "inner":
+            return self.objective.inner_loss(outputs, labels, contrast_idx, student_out=capture)
+        return self.objective.outer_loss(outputs, labels)
+
+
+@dataclass
+class MetaResult:
+    outer_loss: float
+    hypergrad_norm: float
+
+
+class MetaPhase:
+    def __init__(self, cohort: nn.Module, objective: nn.Module, meta_optimizer: torch.optim.Optimizer | None, *,
+                 inner_steps: int = 2, mode: str = "second-order", momentum: float = 0.9,
+                 weight_decay: float = 5e-4):
+        if mode not in META_MODES:
+            raise ValueError(f"meta mode must be one of {', '.join(META_MODES)}, got {mode!r}")
+        if inner_steps < 1:
+            raise ValueError(f"meta inner steps must be >= 1, got {inner_steps}")
+        self.joint = _Joint(cohort, objective)
+        self.meta_optimizer = meta_optimizer
+        self.inner_steps, self.mode = inner_steps, mode
+        self.momentum, self.weight_decay = momentum, weight_decay
+        meta_ids = {id(p) for p in objective.meta_parameters()}
+        virtual = set(objective.virtual_parameter_prefixes())
+        named = dict(self.joint.named_parameters())
+        self.meta_names = [n for n, p in named.items() if id(p) in meta_ids]
+        self.theta_names = [n for n, p in named.items() if p.requires_grad and id(p) not in meta_ids and
+                            (n.startswith("cohort.") or any(n.startswith("objective." + v) for v in virtual))]
+
+    # -- the unrolled virtual steps ---------------------------------------------------------------------------------
+    def _fresh_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Detached copies of θ and of the cohort's mutable buffers (BN statistics); other buffers are read-only."""
+        params = dict(self.joint.named_parameters())
+        theta = {n: params[n].detach().clone().requires_grad_(True) for n in self.theta_names}
+        buffers = {n: (b.detach().clone() if n.startswith("cohort.") else b)
+                   for n, b in self.joint.named_buffers()}
+        return theta, buffers
+
+    def _loss(self, theta, phi, buffers, x, y, idx, kind, capture=None) -> Tensor:
+        return functional_call(self.joint, ({**theta, **phi}, buffers), (x, y, idx, kind, capture), strict=False)
+
+    def _inner_grad(self, theta, phi, buffers, x, y, idx) -> list[Tensor | None]:
+        """∇θ L_inner with the KL teachers held fixed (the regular step's semantics), as a differentiable function of
+        θ and φ. Autograd through `.detach()` would drop the teachers' dependence on θ from every second derivative,
+        so the backward is split at the student logits instead: v = ∂L/∂(student logits, weights) with the teacher
+        attached, then ∇θ = Jᵀv. (The official MetaSGD differentiates through the detach and misses those terms.)"""
+        capture: list[Tensor] = []
+        loss = self._loss(theta, phi, buffers, x, y, idx, "inner", capture)
+        v = torch.autograd.grad(loss, capture, create_graph=True, allow_unused=True)
+        pairs = [(c, g) for c, g in zip(capture, v) if g is not None]
+        return list(torch.autograd.grad([c for c, _ in pairs], list(theta.values()), [g for _, g in pairs],
+                                        create_graph=True, allow_unused=True))
+
+    def _sgd(self, theta, bufs, grads, lr):
+        """torch.optim.SGD's update (momentum, weight decay, no dampening, no Nesterov), out of place."""
+        new_theta, new_bufs = {}, {}
+        for (n, p), g in zip(theta.items(), grads):
+            g = (torch.zeros_like(p) if g is None else g) + self.weight_decay * p
+            b = g if n not in bufs else self.momentum * bufs[n] + g
+            new_bufs[n] = b
+            new_theta[n] = p - lr * b
+        return new_theta, new_bufs
+
+    def hypergradient(self, x: Tensor, y: Tensor, contrast_idx: Tensor | None, lr: float) -> tuple[list[Tensor], Tensor]:
+        params = dict(self.joint.named_parameters())
+        phi = {n: params[n] for n in self.meta_names}
+        theta, buffers = self._fresh_state()
+        second = self.mode == "second-order"
+        bufs: dict[str, Tensor] = {}
+        mixed = []                                     # first-order: the ∇θ L_inner(θ_t, φ) with graphs to φ
+        for _ in range(self.inner_steps):
+            grads = self._inner_grad(theta, phi, buffers, x, y, contrast_idx)
+            if not second:
+                mixed.append(grads)
+                grads = [None if g is None else g.detach() for g in grads]
+                theta = {n: p.detach() for n, p in theta.items()}
+            theta, bufs = self._sgd(theta, bufs, grads, lr)
+            if not second:
+                theta = {n: p.detach().requires_grad_(True) for n, p in theta.items()}
+                bufs = {n: b.detach() for n, b in bufs.items()}
+        loss = self._loss(theta, phi, buffers, x, y, contrast_idx, "outer")
+        grads = torch.autograd.grad(loss, list(theta.values()), create_graph=second, allow_unused=True)
+        theta, bufs = self._sgd(theta, bufs, grads, lr)
+        if not second:
+            theta = {n: p.detach().requires_grad_(True) for n, p in theta.items()}
+        outer = self._loss(theta, phi, buffers, x, y, contrast_idx, "outer")
+        phi_list = list(phi.values())
+        if second:
+            hyper = torch.autograd.grad(outer, phi_list, allow_unused=True)
+        else:
+            v = torch.autograd.grad(outer, list(theta.values()), allow_unused=True)
+            total_steps = self.inner_steps + 1
+            surrogate = 0.0
+            for t, g_t in enumerate(mixed):
+                c_t = lr * sum(self.momentum ** s for s in range(total_steps - t))
+                surrogate = surrogate - c_t * sum((g * vv).sum() for g, vv in zip(g_t, v)
+                                                  if g is not None and vv is not None)
+            hyper = torch.autograd.grad(surrogate, phi_list, allow_unused=True)
+        hyper = [torch.zeros_like(p) if h is None else h for p, h in zip(phi_list, hyper)]
+        return hyper, outer.detach()
+
+    @torch.no_grad()
+    def outer_loss(self, x: Tensor, y: Tensor, contrast_idx: Tensor | None, lr: float) -> Tensor:
+        """L_outer after the virtual steps, with no graph (for finite-difference checks of `hypergradient`)."""
+        params = dict(self.joint.named_parameters())
+        phi = {n: params[n] for n in self.meta_names}
+        theta, buffers = self._fresh_state()
+        bufs: dict[str, Tensor] = {}
+        for kind in ["inner"] * self.inner_steps + ["outer"]:
+            with torch.enable_grad():
+                theta = {n: p.detach().requires_grad_(True) for n, p in theta.items()}
+                loss = self._loss(theta, phi, buffers, x, y, contrast_idx, kind)
+                grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
+            theta, bufs = self._sgd({n: p.detach() for n, p in theta.items()}, bufs, grads, lr)
+        return self._loss(theta, phi, buffers, x, y, contrast_idx, "outer")
+
+    def step(self, x: Tensor, y: Tensor, contrast_idx: Tensor | None, lr: float) -> MetaResult:
+        """One meta phase: hypergradient, then the meta optimizer's step at `lr`. The networks are untouched."""
+        if self.mode == "off" or self.meta_optimizer is None:
+            return MetaResult(float("nan"), 0.0)
+        hyper, outer = self.hypergradient(x, y, contrast_idx, lr)
+        params = dict(self.joint.named_parameters())
+        for n, h in zip(self.meta_names, hyper):
+            params[n].grad = h.detach()
+        for group in self.meta_optimizer.param_groups:
+            group["lr"] = lr
+        self.meta_optimizer.step()
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        return MetaResult(float(outer), float(torch.sqrt(sum((h.float() ** 2).sum() for h in hyper))))

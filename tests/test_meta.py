@@ -1,0 +1,111 @@
+"""L-MCL meta phase: hypergradient vs central differences (fp64), rollback exactness, first-order limit."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmcl.meta import MetaPhase
+from fastmcl.methods import ContrastWeights
+from fastmcl.methods.lmcl import LMCL
+from fastmcl.models import BackboneOutput
+
+
+class TinyNet(nn.Module):
+    """Two 'stages' with BatchNorm, so BN statistics and their rollback are exercised."""
+
+    def __init__(self, classes=3, width=4):
+        super().__init__()
+        self.s1 = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.s2 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.fc = nn.ModuleList([nn.Linear(width, classes), nn.Linear(width, classes)])
+
+    def forward(self, x):
+        h1 = self.s1(x)
+        h2 = self.s2(h1)
+        feats = [h1.mean((2, 3)), h2.mean((2, 3))]
+        return BackboneOutput(feats, [fc(f) for fc, f in zip(self.fc, feats)])
+
+
+class TinyCohort(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.nets = nn.ModuleList([TinyNet(), TinyNet()])
+        self.feature_dims, self.num_stages = [4, 4], [2, 2]
+
+    def forward(self, x):
+        return [net(x) for net in self.nets]
+
+
+def tiny_setup(seed=0, memory_bank=False):
+    torch.manual_seed(seed)
+    cohort = TinyCohort().double()
+    obj = LMCL([4, 4], [2, 2], 3, weights=ContrastWeights.defaults("lmcl", memory_bank), memory_bank=memory_bank,
+               num_samples=20, feat_dim=8, meta_proj_dim=4).double()
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    idx = torch.randint(0, 20, (6, 7)) if memory_bank else None
+    return cohort, obj, x, y, idx
+
+
+@pytest.mark.parametrize("memory_bank", [False, True])
+def test_second_order_hypergradient_matches_central_differences(memory_bank):
+    cohort, obj, x, y, idx = tiny_setup(memory_bank=memory_bank)
+    meta = MetaPhase(cohort, obj, None, inner_steps=2, mode="second-order", weight_decay=5e-4)
+    lr = 0.5
+    hyper, _ = meta.hypergradient(x, y, idx, lr)
+    eps = 1e-6
+    fd = []
+    for p in obj.meta_parameters():
+        g = torch.zeros_like(p)
+        flat = p.data.view(-1)
+        for k in range(flat.numel()):
+            old = flat[k].item()
+            flat[k] = old + eps
+            plus = meta.outer_loss(x, y, idx, lr)
+            flat[k] = old - eps
+            minus = meta.outer_loss(x, y, idx, lr)
+            flat[k] = old
+            g.view(-1)[k] = (plus - minus) / (2 * eps)
+        fd.append(g)
+    h, f = torch.cat([t.flatten() for t in hyper]), torch.cat([t.flatten() for t in fd])
+    assert f.abs().max() > 1e-6  # the weights do influence the outer loss
+    assert (h - f).norm() / f.norm() <= 1e-4, ((h - f).norm() / f.norm()).item()
+    assert torch.allclose(h, f, rtol=1e-4, atol=1e-6 * f.abs().max().item())
+
+
+def test_first_order_agrees_with_second_order_for_small_lr():
+    """The dropped Hessian terms are O(lr²) against the kept O(lr) mixed term."""
+    cohort, obj, x, y, idx = tiny_setup(seed=1)
+    lr = 1e-4
+    so, _ = MetaPhase(cohort, obj, None, mode="second-order").hypergradient(x, y, idx, lr)
+    fo, _ = MetaPhase(cohort, obj, None, mode="first-order").hypergradient(x, y, idx, lr)
+    so, fo = torch.cat([t.flatten() for t in so]), torch.cat([t.flatten() for t in fo])
+    assert so.norm() > 0
+    assert (so - fo).norm() / so.norm() < 1e-2
+
+
+@pytest.mark.parametrize("mode", ["second-order", "first-order"])
+def test_meta_phase_changes_only_the_meta_network(mode):
+    cohort, obj, x, y, idx = tiny_setup(memory_bank=True)
+    main_opt = torch.optim.SGD(list(cohort.parameters()) + obj.main_parameters(), lr=0.1, momentum=0.9)
+    out = obj(cohort(x), y, idx)
+    out.loss.backward()
+    main_opt.step()
+    obj.after_step(out, torch.arange(6))
+    meta_opt = torch.optim.SGD(obj.meta_parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    before = {k: v.clone() for k, v in {**cohort.state_dict(), **obj.state_dict()}.items()}
+    opt_before = {id(p): {k: v.clone() for k, v in s.items()} for p, s in main_opt.state.items()}
+    result = MetaPhase(cohort, obj, meta_opt, mode=mode).step(x, y, idx, lr=0.1)
+    assert result.hypergrad_norm > 0
+    after = {**cohort.state_dict(), **obj.state_dict()}
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(k.startswith("meta_net.") for k in changed), changed
+    for p, s in main_opt.state.items():
+        assert all(torch.equal(v, opt_before[id(p)][k]) for k, v in s.items())
+    assert all(p.grad is None for p in obj.meta_parameters())
+
+
+def test_bad_meta_mode():
+    cohort, obj, *_ = tiny_setup()
+    with pytest.raises(ValueError, match="meta mode"):
+        MetaPhase(cohort, obj, None, mode="third-order")

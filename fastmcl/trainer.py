@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
 from .data import NegativeSampler
+from .meta import MetaPhase
 from .methods import NEEDS_AUX, build_method
 from .methods.weights import ContrastWeights
 from .models import build_cohort
@@ -89,6 +90,13 @@ class Trainer:
                           if self.objective.needs.memory_bank else None)
         params = list(self.cohort.parameters()) + self.objective.main_parameters()
         self.optimizer, self.optimizer_name = make_optimizer(params, cfg, self.device)
+        self.meta_optimizer, self.meta = None, None
+        if self.objective.supports_meta and cfg.meta_mode != "off":
+            # spec §2.4: the meta-network's own SGD (Nesterov, momentum 0.9, wd), lr on the main schedule
+            self.meta_optimizer = torch.optim.SGD(self.objective.meta_parameters(), lr=cfg.lr, momentum=0.9,
+                                                  nesterov=True, weight_decay=cfg.weight_decay)
+            self.meta = MetaPhase(self.cohort, self.objective, self.meta_optimizer, inner_steps=cfg.meta_inner,
+                                  mode=cfg.meta_mode, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.amp == "bf16"
                          else nullcontext())
         self.out = Path(cfg.out)
@@ -101,7 +109,9 @@ class Trainer:
     # -- state --------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"cohort": self.cohort.state_dict(), "objective": self.objective.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "meta_optimizer": self.meta_optimizer.state_dict() if self.meta_optimizer else None,
+                "epoch": self.epoch, "step": self.step,
                 "step_in_epoch": self.step_in_epoch, "best_top1": self.best_top1, "rng": capture_rng_state(),
                 "config": dataclasses.asdict(self.cfg)}
 
@@ -109,6 +119,8 @@ class Trainer:
         self.cohort.load_state_dict(state["cohort"])
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.meta_optimizer is not None and state.get("meta_optimizer"):
+            self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.step_in_epoch, self.best_top1 = int(state["step_in_epoch"]), float(state["best_top1"])
         restore_rng_state(state["rng"])
@@ -119,7 +131,7 @@ class Trainer:
         return path
 
     # -- one step -----------------------------------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> dict:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, lr: float | None = None) -> dict:
         self.cohort.train()
         self.objective.train()
         contrast_idx = self.negatives(index, self.step) if self.negatives is not None else None
@@ -132,7 +144,13 @@ class Trainer:
         out.loss.backward()
         self.optimizer.step()
         self.objective.after_step(out, index)
-        return {"loss": out.loss.detach(), **{k: v for k, v in out.terms.items()}}
+        terms = {"loss": out.loss.detach(), **{k: v for k, v in out.terms.items()}}
+        # spec §2.4: after the regular update, on the same batch, when batch_idx % meta_freq == 0
+        if self.meta is not None and self.step_in_epoch % self.cfg.meta_freq == 0:
+            with self.autocast:
+                result = self.meta.step(x, y, contrast_idx, lr if lr is not None else self.optimizer.param_groups[0]["lr"])
+            terms["meta_outer"] = torch.tensor(result.outer_loss)
+        return terms
 
     # -- evaluation ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -186,7 +204,7 @@ class Trainer:
                         group["lr"] = lr
                     x = x.to(self.device, non_blocking=True)
                     y, index = y.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
-                    terms = self.train_step(x, y, index)
+                    terms = self.train_step(x, y, index, lr)
                     self.step += 1
                     self.step_in_epoch += 1
                     loss = float(terms["loss"])

@@ -34,6 +34,13 @@ class TrainConfig:
     m_per_class: int | None = _f(None, "data", "samples per class in each batch for in-batch contrastive methods "
                                                "(MPerClassSampler; default 2, the digits demo 16: 10 classes)")
     cache_dir: str = _f("", "data", "where the digits demo tree is written (default: ~/.cache/fastmcl)")
+    dali: bool = _f(False, "data", "decode and augment ImageFolder JPEGs with NVIDIA DALI (GPU 'mixed' decoder, or "
+                                   "DALI's CPU backend); pip install nvidia-dali-cuda130")
+    dali_device: str | None = _f(None, "data", "DALI backend: gpu | cpu (default: gpu when training on CUDA)")
+    dali_threads: int = _f(4, "data", "DALI CPU worker threads per process")
+    hw_decoder_load: float = _f(0.65, "data", "share of the JPEGs sent to the GPU's hardware decoder (A100/H100; "
+                                              "DALI 'mixed' decoder)")
+    dali_prefetch: int = _f(2, "data", "DALI prefetch queue depth (batches)")
     # model / cohort
     arch: list[str] = _f([], "model", "architecture per member, repeatable (--arch resnet32 --arch wrn_40_2); "
                                       "default resnet32 for every member", action="append")
@@ -54,6 +61,11 @@ class TrainConfig:
     feat_dim: int = _f(128, "method", "embedding size of the projection heads")
     nce_m: float = _f(0.5, "method", "memory-bank momentum")
     logit_kd: bool = _f(False, "method", "MCL: add the mean-logit ensemble KD term (spec §1.4)")
+    meta_mode: str = _f("second-order", "method", "L-MCL meta-optimisation of the matching weights: second-order | "
+                                                  "first-order | off (off keeps the initial meta-network)")
+    meta_freq: int | None = _f(None, "method", "run a meta phase every N batches of an epoch, batch 0 included "
+                                               "(default 50 CIFAR-style, 500 ImageNet-style)")
+    meta_inner: int = _f(2, "method", "virtual inner steps per meta phase")
     # optimisation
     epochs: int | None = _f(None, "optim", "epochs (default: 300 CIFAR-style, 100 ImageNet-style, 12 digits demo)")
     batch_size: int = _f(128, "optim", "global batch size")
@@ -92,6 +104,7 @@ class TrainConfig:
             c.memory_bank = (not cifar_style) and c.method != "dml"
         c.epochs = c.epochs or (12 if demo else 300 if cifar_style else 100)
         c.m_per_class = c.m_per_class or (16 if demo else 2)
+        c.meta_freq = c.meta_freq or (50 if cifar_style else 500)
         c.warmup_epochs = c.warmup_epochs if c.warmup_epochs is not None else (2.0 if demo else 0.0)
         c.weight_decay = c.weight_decay if c.weight_decay is not None else (5e-4 if cifar_style else 1e-4)
         c.schedule = c.schedule or ("cosine" if cifar_style else "multistep")
@@ -121,6 +134,14 @@ class TrainConfig:
         need(self.ckpt_every >= 0, "ckpt_every", "must be >= 0")
         need(self.m_per_class is None or self.m_per_class >= 1, "m_per_class", "must be >= 1")
         need(self.workers >= 0, "workers", "must be >= 0")
+        need(self.dali_device in (None, "gpu", "cpu"), "dali_device", f"must be gpu or cpu, got {self.dali_device!r}")
+        need(self.dali_threads >= 1, "dali_threads", "must be >= 1")
+        need(0.0 <= self.hw_decoder_load <= 1.0, "hw_decoder_load", f"must be in [0, 1], got {self.hw_decoder_load}")
+        need(self.dali_prefetch >= 1, "dali_prefetch", "must be >= 1")
+        need(self.meta_mode in ("second-order", "first-order", "off"), "meta_mode",
+             f"must be second-order, first-order or off, got {self.meta_mode!r}")
+        need(self.meta_freq is None or self.meta_freq >= 1, "meta_freq", "must be >= 1")
+        need(self.meta_inner >= 1, "meta_inner", "must be >= 1")
         need(self.amp in ("off", "bf16"), "amp", f"must be off or bf16, got {self.amp!r}")
         need(self.schedule in (None, "cosine", "multistep"), "schedule", f"must be cosine or multistep, got {self.schedule!r}")
         need(self.backend in ("auto", "reference", "triton"), "backend", f"must be auto, reference or triton, got {self.backend!r}")

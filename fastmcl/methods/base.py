@@ -54,5 +54,13 @@ class Objective(nn.Module):
         return [p for p in self.parameters() if id(p) not in meta]
 
 
+def fp32(module: nn.Module, x: Tensor) -> Tensor:
+    """Run a small head outside autocast in fp32 (fp64 stays fp64): L2-normalised embeddings scaled by 1/τ and the
+    matching weights are too sensitive for bf16/fp16 (spec: losses and softmax statistics in fp32)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.autocast(x.device.type, enabled=False):
+        return module(x.to(dtype))
+
+
 def sum_ce(logit_list, labels, ce) -> Tensor:
     return torch.stack([ce(z, labels) for z in logit_list]).sum()

@@ -15,7 +15,7 @@ from ..losses import (MemoryBank, cohort_bank_contrastive_terms, cohort_contrast
                       layer_pairs, lmcl_plan)
 from ..models.heads import Aggregator, EmbedHead
 from ..models.meta_network import MetaWeightNet
-from .base import MethodNeeds, Objective, StepOutput, sum_ce
+from .base import MethodNeeds, Objective, StepOutput, fp32, sum_ce
 from .weights import ContrastWeights
 
 
@@ -65,12 +65,15 @@ class LMCL(Objective):
 
     def matching_weights(self, outputs) -> Tensor:
         """[P, B] per-pair per-sample weights from the raw stage features (spec §2.3)."""
-        return self.meta_net([list(o.features) for o in outputs], self.pairs)
+        feats = [list(o.features) for o in outputs]
+        dtype = torch.float64 if feats[0][0].dtype == torch.float64 else torch.float32
+        with torch.autocast(feats[0][0].device.type, enabled=False):
+            return self.meta_net([[f.to(dtype) for f in fs] for fs in feats], self.pairs)
 
     def contrastive(self, outputs, labels: Tensor, contrast_idx: Tensor | None, weights: Tensor,
                     student_out: list | None = None):
         """(weighted α/γ/β/λ terms, per-network final embeddings) — also the meta phase's inner objective."""
-        emb = [head(f) for heads, o in zip(self.heads, outputs) for head, f in zip(heads, o.features)]
+        emb = [fp32(head, f) for heads, o in zip(self.heads, outputs) for head, f in zip(heads, o.features)]
         if self.memory is None:
             c = cohort_contrastive_terms(emb, labels, self.plan, weights=weights, tau=self.w.tau, kd_T=self.w.kd_T,
                                          backend=self.backend, student_out=student_out)

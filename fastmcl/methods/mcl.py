@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..losses import (MemoryBank, cohort_bank_contrastive_terms, cohort_contrastive_terms, cross_entropy, kd_kl,
                       mcl_plan)
 from ..models.heads import EmbedHead
-from .base import MethodNeeds, Objective, StepOutput, sum_ce
+from .base import MethodNeeds, Objective, StepOutput, fp32, sum_ce
 from .weights import ContrastWeights
 
 
@@ -39,7 +39,7 @@ class MCL(Objective):
             students = logits if len(logits) == 2 else logits[-1:]
             terms["logit_kd"] = torch.stack([kd_kl(z, ens, self.w.kd_T, detach_teacher=self.detach_ensemble)
                                              for z in students]).sum()
-        emb = [head(o.features[-1]) for head, o in zip(self.heads, outputs)]
+        emb = [fp32(head, o.features[-1]) for head, o in zip(self.heads, outputs)]
         if self.memory is None:
             c = cohort_contrastive_terms(emb, labels, self.plan, tau=self.w.tau, kd_T=self.w.kd_T,
                                          backend=self.backend)

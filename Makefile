@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.fastmcl-installed
 # a GPU box; installing it before the package keeps pip from ever pulling a CUDA build by accident.
 TORCH_SPEC  ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.8.0
+# NVIDIA DALI (--dali; tests/test_dali.py): ~200 MB from PyPI, imports without a GPU driver. `make DALI_SPEC= install`
+# skips it (the DALI tests then skip).
+DALI_SPEC   ?= nvidia-dali-cuda130==2.4.0
 PYTEST      := $(BIN)/python -m pytest
 
 .PHONY: install train test test-fast test-interpreter bench clean
@@ -17,6 +20,7 @@ $(STAMP): setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q $(TRITON_SPEC)
+	test -z "$(DALI_SPEC)" || $(BIN)/python -c "import nvidia.dali" 2>/dev/null || $(BIN)/python -m pip install -q $(DALI_SPEC)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 

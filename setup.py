@@ -28,6 +28,6 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark"],
         "triton": ["triton"],
-        "dali": ["nvidia-dali-cuda130"],
+        "dali": ["nvidia-dali-cuda130>=2.4"],   # --dali (fastmcl.data.dali); tested with 2.4.0
     },
 )

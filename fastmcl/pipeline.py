@@ -4,6 +4,16 @@ Small images (CIFAR-100 pickles, and ImageFolder trees at <= 64 px such as the d
 uint8 tensor that lives on the training device; batches are gathered, cropped/flipped and normalised there, with the
 augmentation keyed by (seed, epoch, dataset index). ImageNet-style trees go through a torch DataLoader with PIL
 decode and keyed per-item augmentation. Every batch is `(x, labels, dataset_index)`.
+
+With `--dali` every ImageFolder tree (the digits demo included, whatever its image size) is decoded by NVIDIA DALI
+(`fastmcl.data.dali`): on the GPU (`mixed` decoder) when training on CUDA, else on DALI's CPU backend. Training feeds
+DALI this rank's indices from `_epoch_indices` (an external-source index feed), so the global batches, the sampler
+(MPerClassSampler included) and mid-epoch resume are exactly those of the PIL path, and the crops/flips are keyed by
+(seed, epoch, dataset index) as there: RandomResizedCrop + flip for ImageNet-style trees, zero-pad-4 crop + flip
+after a resize to `image_size` for <= 64 px trees (the CIFAR recipe, normalised with the tree's own mean/std as the
+in-memory path). Validation uses DALI's sharded file reader (shard_id=rank, num_shards=world_size,
+pad_last_batch, exact un-padded counts). CIFAR-100 pickles and synthetic data are not files to decode: `--dali`
+refuses them.
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ from .data import (CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, Dat
                    ImageFolderDataset, MPerClassSampler, ShuffleSampler, SyntheticDataset, build_dataloader,
                    ensure_digits_imagefolder, find_cifar100, imagenet_train_transform, imagenet_val_transform,
                    load_cifar100, load_rgb)
+from .data import dali as _dali
 
 SMALL_IMAGE_MAX = 64  # an ImageFolder at or below this size is "CIFAR-style": decoded once, held on the device
 
@@ -72,7 +83,13 @@ class TrainData:
         if cfg.batch_size % world_size:
             raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {world_size} processes")
         self.local_batch = cfg.batch_size // world_size
-        if source.kind == "synthetic":
+        self.dali_train: _dali.DaliIndexLoader | None = None
+        self.dali_val: _dali.DaliReaderLoader | None = None
+        self.loader_name = ("DataLoader (synthetic)" if source.kind == "synthetic" else
+                            "in-memory tensors on the device" if source.cifar_style else "DataLoader (PIL)")
+        if cfg.dali:
+            self._init_dali(cfg, source, device)
+        elif source.kind == "synthetic":
             size = cfg.image_size
             self.train_set = SyntheticDataset(cfg.synthetic_samples, cfg.num_classes, size, seed=cfg.seed)
             self.val_set = SyntheticDataset(max(cfg.synthetic_samples // 4, 1), cfg.num_classes, size,
@@ -101,6 +118,36 @@ class TrainData:
         self.sampler = self._train_sampler()
 
     # -- loading ----------------------------------------------------------------------------------------------------
+    def _init_dali(self, cfg: TrainConfig, source: DataSource, device: torch.device) -> None:
+        if source.kind not in ("imagefolder", "digits"):
+            raise DataError(f"--dali decodes image files (ImageFolder trees, the digits demo); {source.kind} data is "
+                            f"already decoded tensors: drop --dali")
+        if not _dali.dali_available():
+            raise DataError(f"--dali: NVIDIA DALI does not import ({_dali.dali_import_error()}); install it with "
+                            f"`pip install nvidia-dali-cuda130` or run without --dali")
+        dali_device = _dali.resolve_dali_device(cfg.dali_device, device)
+        if dali_device == "gpu" and device.type != "cuda":
+            raise DataError(f"--dali-device gpu: the model trains on {device}; use --device cuda or --dali-device cpu")
+        train = _dali.FileList.from_imagefolder(source.root / "train")
+        val = _dali.FileList.from_imagefolder(source.root / "val")
+        if val.classes != train.classes:
+            raise DataError(f"--data: {source.root}/val has classes {list(val.classes[:5])}… that differ from train/")
+        style = "cifar" if source.cifar_style else "imagenet"
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if style == "imagenet" else _tree_stats(train.paths, cfg.image_size)
+        common = dict(size=cfg.image_size, style=style, mean=mean, std=std, device=dali_device,
+                      device_id=device.index if device.type == "cuda" else None, num_threads=cfg.dali_threads,
+                      prefetch=cfg.dali_prefetch, hw_decoder_load=cfg.hw_decoder_load,
+                      channels_last=cfg.channels_last, seed=cfg.seed)
+        self.dali_train = _dali.DaliIndexLoader(train, batch_size=self.local_batch, **common)
+        val_batch = max(self.local_batch, 64 if style == "imagenet" else 256)
+        self.dali_val = _dali.DaliReaderLoader(val, batch_size=val_batch, resize=cfg.val_resize, train=False,
+                                               shard_id=self.rank, num_shards=self.world_size, **common)
+        self.labels = train.labels
+        self.num_classes = len(train.classes)
+        self.resident = None
+        self.loader_name = (f"DALI {_dali.DALI_VERSION} {dali_device} ({'mixed' if dali_device == 'gpu' else 'cpu'} "
+                            f"decoder, {cfg.dali_threads} threads, {style} augmentation)")
+
     @staticmethod
     def _load_small(cfg: TrainConfig, source: DataSource):
         if source.kind == "cifar100":
@@ -138,6 +185,8 @@ class TrainData:
 
     def train_batches(self, epoch: int, skip_batches: int = 0):
         indices = self._epoch_indices(epoch, skip_batches)
+        if self.dali_train is not None:
+            return self.dali_train.epoch_batches(indices, epoch)
         if self.resident is not None:
             images, labels, _, _, mean, std = self.resident
             loader = DeviceBatchLoader(images, labels, batch_size=self.local_batch, sampler=indices, train=True,
@@ -152,6 +201,9 @@ class TrainData:
                                 pin_memory=self.device.type == "cuda")
 
     def val_batches(self):
+        """Validation batches; under DALI this rank's shard only (sum correct counts and totals over the ranks)."""
+        if self.dali_val is not None:
+            return self.dali_val
         if self.resident is not None:
             _, _, images, labels, mean, std = self.resident
             return DeviceBatchLoader(images, labels, batch_size=max(self.local_batch, 256), sampler=range(len(labels)),
@@ -174,3 +226,22 @@ def _decode_tree(root: Path, size: int | None) -> tuple[torch.Tensor, torch.Tens
         raise DataError(f"--data: images under {root} have different sizes {sorted(shapes)[:3]}…; pass --image-size")
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return x, ds.labels.clone(), list(ds.classes)
+
+
+def _tree_stats(paths, size: int | None, limit: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std (of [0, 1] values) of a small-image tree as the in-memory path computes them: every image
+    (resized to `size`), or `limit` evenly spaced ones for a larger tree."""
+    n = len(paths)
+    pick = range(n) if n <= limit else np.linspace(0, n - 1, limit).round().astype(int)
+    total, sq, count = np.zeros(3), np.zeros(3), 0
+    for i in pick:
+        img = load_rgb(paths[int(i)])
+        if size and img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        a = np.asarray(img, dtype=np.float64).reshape(-1, 3) / 255.0
+        total += a.sum(0)
+        sq += (a * a).sum(0)
+        count += a.shape[0]
+    mean = total / count
+    var = np.maximum(sq - count * mean * mean, 0.0) / max(count - 1, 1)
+    return mean.tolist(), np.maximum(np.sqrt(var), 1e-3).tolist()

@@ -1,4 +1,4 @@
-"""fastmcl.data: datasets, transforms, samplers and the on-device negative sampler (the non-DALI data layer).
+"""fastmcl.data: datasets, transforms, samplers, the on-device negative sampler, and the optional DALI loaders.
 
 Imports nothing else from fastmcl. Every bad-input problem raises :class:`DataError` with a one-line message.
 Randomness that must not depend on the number of processes (global batches, negatives, keyed augmentation) is a
@@ -28,6 +28,15 @@ from .transforms import (
     normalize,
 )
 
+try:  # the DALI loaders: the module imports without nvidia.dali (dali_available() says whether DALI works)
+    from .dali import (DaliIndexLoader, DaliReaderLoader, FileList, dali_available, find_undecodable,
+                       resolve_dali_device)
+except ImportError:  # pragma: no cover - only if the module itself is missing from a stripped install
+    DaliIndexLoader = DaliReaderLoader = FileList = find_undecodable = resolve_dali_device = None  # type: ignore
+
+    def dali_available() -> bool:
+        return False
+
 __all__ = [
     "DataError",
     "ensure_digits_imagefolder",
@@ -40,4 +49,5 @@ __all__ = [
     "MPerClassSampler", "ShuffleSampler", "ShardedSampler",
     "NegativeSampler",
     "build_dataloader", "seed_worker", "DeviceBatchLoader",
+    "dali_available", "resolve_dali_device", "FileList", "DaliIndexLoader", "DaliReaderLoader", "find_undecodable",
 ]

@@ -32,7 +32,7 @@ class TrainConfig:
     val_resize: int | None = _f(None, "data", "val resize before the center crop (default: image_size / 0.875)")
     workers: int = _f(2, "data", "DataLoader worker processes")
     m_per_class: int | None = _f(None, "data", "samples per class in each batch for in-batch contrastive methods "
-                                               "(MPerClassSampler; default 2, the digits demo 16: 10 classes)")
+                                               "(MPerClassSampler; default 2, the digits demo 4: 10 classes)")
     cache_dir: str = _f("", "data", "where the digits demo tree is written (default: ~/.cache/fastmcl)")
     dali: bool = _f(False, "data", "decode and augment ImageFolder JPEGs with NVIDIA DALI (GPU 'mixed' decoder, or "
                                    "DALI's CPU backend); pip install nvidia-dali-cuda130")
@@ -67,9 +67,9 @@ class TrainConfig:
                                                "(default 50 CIFAR-style, 500 ImageNet-style)")
     meta_inner: int = _f(2, "method", "virtual inner steps per meta phase")
     # optimisation
-    epochs: int | None = _f(None, "optim", "epochs (default: 300 CIFAR-style, 100 ImageNet-style, 12 digits demo)")
-    batch_size: int = _f(128, "optim", "global batch size")
-    lr: float = _f(0.1, "optim", "initial learning rate")
+    epochs: int | None = _f(None, "optim", "epochs (default: 300 CIFAR-style, 100 ImageNet-style, 6 digits demo)")
+    batch_size: int | None = _f(None, "optim", "global batch size (default 128; the digits demo 32)")
+    lr: float | None = _f(None, "optim", "initial learning rate (default 0.1; the digits demo 0.05)")
     momentum: float = _f(0.9, "optim", "SGD momentum")
     nesterov: bool = _f(True, "optim", "Nesterov momentum")
     weight_decay: float | None = _f(None, "optim", "weight decay (5e-4 CIFAR-style, 1e-4 ImageNet-style)")
@@ -77,7 +77,7 @@ class TrainConfig:
     milestones: list[int] = _f([], "optim", "multistep epochs (default 30 60 90)", nargs="+")
     lr_decay: float = _f(0.1, "optim", "multistep factor")
     warmup_epochs: float | None = _f(None, "optim", "linear warm-up from 0 over this many epochs, per step "
-                                                    "(default 0 as the papers; 2 for the digits demo)")
+                                                    "(default 0 as the papers; 1 for the digits demo)")
     max_steps: int = _f(0, "optim", "stop after this many steps in total (0 = run all epochs)")
     # speed
     device: str = _f("auto", "speed", "auto | cpu | cuda | cuda:N")
@@ -102,10 +102,13 @@ class TrainConfig:
         c.val_resize = c.val_resize or round(c.image_size / 0.875)
         if c.memory_bank is None:
             c.memory_bank = (not cifar_style) and c.method != "dml"
-        c.epochs = c.epochs or (12 if demo else 300 if cifar_style else 100)
-        c.m_per_class = c.m_per_class or (16 if demo else 2)
+        # The digits demo: 1,438 images of 10 classes, so smaller batches (8 classes x 4) and more, gentler steps.
+        c.epochs = c.epochs or (6 if demo else 300 if cifar_style else 100)
+        c.batch_size = c.batch_size or (32 if demo else 128)
+        c.lr = c.lr or (0.05 if demo else 0.1)
+        c.m_per_class = c.m_per_class or (4 if demo else 2)
         c.meta_freq = c.meta_freq or (50 if cifar_style else 500)
-        c.warmup_epochs = c.warmup_epochs if c.warmup_epochs is not None else (2.0 if demo else 0.0)
+        c.warmup_epochs = c.warmup_epochs if c.warmup_epochs is not None else (1.0 if demo else 0.0)
         c.weight_decay = c.weight_decay if c.weight_decay is not None else (5e-4 if cifar_style else 1e-4)
         c.schedule = c.schedule or ("cosine" if cifar_style else "multistep")
         c.milestones = c.milestones or [30, 60, 90]
@@ -124,11 +127,11 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')}: {msg}")
         need(self.method in ("dml", "mcl", "lmcl"), "method", f"unknown method {self.method!r} (dml, mcl, lmcl)")
-        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(self.batch_size is None or self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.cohort >= 1, "cohort", "must be >= 1")
         need(len(self.members()) >= 2, "cohort", f"method {self.method!r} is mutual and needs at least 2 members, got "
                                                   f"{len(self.members())}")
-        need(self.lr > 0, "lr", "must be > 0")
+        need(self.lr is None or self.lr > 0, "lr", "must be > 0")
         need(self.max_steps >= 0, "max_steps", "must be >= 0")
         need(self.log_every >= 1, "log_every", "must be >= 1")
         need(self.ckpt_every >= 0, "ckpt_every", "must be >= 0")

@@ -153,3 +153,20 @@ def test_cli_subprocess_error_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastmcl.train", "--data", str(tmp_path / "missing")],
                        capture_output=True, text=True, env={**os.environ, "FASTMCL_CACHE": str(tmp_path)})
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no such folder" in r.stderr
+
+
+@pytest.mark.slow
+def test_shortened_digits_demo(tmp_path, capsys):
+    """The main job's path end to end (digits JPEG tree → decode → L-MCL with a meta phase → eval table), one epoch
+    without warm-up; the full demo (`make train`) is measured in the README."""
+    run = tmp_path / "run"
+    rc = main(["--cache-dir", str(tmp_path / "cache"), "--epochs", "1", "--warmup-epochs", "0", "--no-progress",
+               "--out", str(run), "--log-every", "5"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "net0.agg" in out and "deployed: net0" in out
+    assert (tmp_path / "cache" / "digits32" / "train").is_dir()
+    train = events(run, "train")
+    assert train[-1]["loss"] < train[0]["loss"]
+    top1 = {e["member"]: e["top1"] for e in events(run, "eval")}
+    assert set(top1) >= {"net0", "net1", "net0.stage0", "net0.agg"}

@@ -11,6 +11,7 @@ import functools
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from . import checks
 from .backend import resolve_backend
@@ -175,18 +176,38 @@ def bank_rows_reference(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_
     # L[u, m] = e_u · Mem_m[idx]ᵀ / τ: depends on the contrast side only through the bank (spec §4.2).
     L = torch.stack([bank_logits_all(E, bank.to(E.dtype), idx, k_chunk) for bank in banks], dim=1) / tau
     L_s, L_t = _split(L, student_out)
+    n = L.shape[1]
+    # Row statistics are computed in chunks of blocks whose intermediates are recomputed in backward
+    # (activation checkpointing), so only L and its gradient stay alive: the [blocks, B, K] softmax temporaries
+    # would otherwise dominate the memory of the streamed path. The meta phase (student_out) differentiates twice and
+    # takes the plain path.
+    recompute = student_out is None and torch.is_grad_enabled() and L.requires_grad
     ce = L.new_empty(ce_u.shape[0], B)
     kl = L.new_empty(kl_su.shape[0], B)
     for view, drop, n_pos in ((True, 1, pos_k), (False, 0, 1 + pos_k)):
         sel = (ce_view == view).nonzero().flatten()
         if sel.numel():
-            ce = ce.index_copy(0, sel, leading_positive_rows(L_s[ce_u[sel], ce_m[sel], :, drop:], n_pos))
+            # each distinct (embedding, bank) block once: plan blocks (u, v) share the bank m = net(v) (spec §4.2)
+            blocks, inverse = torch.unique(ce_u[sel] * n + ce_m[sel], return_inverse=True)
+            rows = _chunked(lambda Ls, b, drop=drop, n_pos=n_pos:  # bound now: backward recomputes later
+                            leading_positive_rows(Ls[b // n, b % n, :, drop:], n_pos), (L_s,), (blocks,), recompute)
+            ce = ce.index_copy(0, sel, rows[inverse])
         sel = (kl_view == view).nonzero().flatten()
         if sel.numel():
-            student = L_s[kl_su[sel], kl_sm[sel], :, drop:]
-            teacher = L_t[kl_tu[sel], kl_tm[sel], :, drop:]
-            kl = kl.index_copy(0, sel, kl_rows(student, teacher, kd_T, detach_teacher=student_out is None))
+            rows = _chunked(lambda Ls, Lt, su, sm, tu, tm, drop=drop:
+                            kl_rows(Ls[su, sm, :, drop:], Lt[tu, tm, :, drop:], kd_T, detach_teacher=student_out is None),
+                            (L_s, L_t), (kl_su[sel], kl_sm[sel], kl_tu[sel], kl_tm[sel]), recompute)
+            kl = kl.index_copy(0, sel, rows)
     return ce, kl
+
+
+def _chunked(fn, tensors: tuple, index_args: tuple, recompute: bool, chunk: int = 4) -> Tensor:
+    """fn(*tensors, *index_args[lo:hi]) over chunks of the index vectors, concatenated; checkpointed if asked."""
+    out = []
+    for lo in range(0, index_args[0].shape[0], chunk):
+        args = tensors + tuple(a[lo:lo + chunk] for a in index_args)
+        out.append(checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args))
+    return torch.cat(out)
 
 
 def _stack(embeddings: list[Tensor]) -> Tensor:

@@ -1,0 +1,60 @@
+"""Cost of one L-MCL meta phase in regular training steps (issue: ≤ 6; the official copy-and-restore MetaSGD costs
+≈ 18 on this kind of CPU, spec/lmcl.md §4.3). Same cohort, same batch, same machine, measured in one run.
+
+    .venv/bin/python -m pytest benchmarks/bench_meta.py -s        (env: FASTMCL_BENCH_BATCH, default 128)
+"""
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmcl.config import TrainConfig
+from fastmcl.trainer import Trainer
+
+BATCH = int(os.environ.get("FASTMCL_BENCH_BATCH", "128"))
+REPEATS = int(os.environ.get("FASTMCL_BENCH_REPEATS", "3"))
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+@pytest.mark.parametrize("mode", ["second-order", "first-order"])
+@pytest.mark.parametrize("speed", ["fp32", "bf16+channels_last"])
+def test_meta_phase_cost_in_regular_steps(tmp_path, mode, speed):
+    fast = speed != "fp32"
+    cfg = TrainConfig(data="synthetic", num_classes=100, synthetic_samples=BATCH * 4, image_size=32,
+                      batch_size=BATCH, arch=["resnet32", "resnet32"], method="lmcl", meta_mode=mode,
+                      amp="bf16" if fast else "off", channels_last=fast, out=str(tmp_path), progress=False,
+                      workers=0)
+    trainer = Trainer(cfg)
+    x, y, index = next(iter(trainer.data.train_batches(0)))
+    if fast:
+        x = x.contiguous(memory_format=torch.channels_last)
+    trainer.step_in_epoch = 1          # regular steps without a meta phase
+    trainer.train_step(x, y, index)     # warm-up
+    regular = _median_time(lambda: trainer.train_step(x, y, index), REPEATS)
+
+    def meta_phase():
+        with trainer.autocast:
+            trainer.meta.step(x, y, None, lr=0.1)
+
+    meta_phase()                        # warm-up
+    meta = _median_time(meta_phase, REPEATS)
+    ratio = meta / regular
+    row = {"mode": mode, "speed": speed, "batch": BATCH, "regular_step_s": round(regular, 4),
+           "meta_phase_s": round(meta, 4), "meta_in_regular_steps": round(ratio, 2),
+           "amortised_overhead_per_step_at_freq_50": round(ratio / 50, 4), "threads": torch.get_num_threads()}
+    print("\n" + json.dumps(row))
+    out = Path(__file__).parent / "results" / "meta.jsonl"
+    out.parent.mkdir(exist_ok=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")

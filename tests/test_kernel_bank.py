@@ -1,0 +1,228 @@
+"""The fused memory-bank kernel (`fastmcl.kernels.bank_rows`) against its contract `bank_rows_reference`.
+
+Runs under TRITON_INTERPRET=1 on CPU (own pytest process, `-m interpreter`; see the Makefile) or on a CUDA GPU;
+skips otherwise. Every check compares values and the gradient w.r.t. E under a random upstream gradient on both
+the ce and the kl rows.
+
+Covering design of `test_matches_reference` (each value of each axis appears at least once; 8 cases instead of the
+3·3·2·4·3·2 = 432 cartesian product, to keep the interpreter run short):
+
+    case  B   K     D    stages  dtype  pos_k
+     1    1   3     16   1       fp32   1
+     2    7   129   128  2       fp32   2
+     3    32  1000  16   3       fp32   1
+     4    7   1000  128  4       fp32   2
+     5    32  129   16   4       bf16   2
+     6    1   1000  128  3       bf16   1
+     7    7   3     16   1       fp16   1
+     8    32  129   128  2       fp16   2
+
+K = 129 and 1000 are not multiples of any BLOCK_K (16..64); `test_explicit_block_k` forces BLOCK_K 16 and 64 and a
+pos_k spanning two tiles. Plans are `lmcl_plan([S, S])` (NE = 2S embeddings, 2 banks) plus `mcl_plan(3)` (3 banks,
+padded to 4) end to end.
+
+Tolerances. fp32: max |got − ref| ≤ 1e-5 · max |ref| per output (ce, kl, dE), and elementwise rtol 1e-5. bf16/fp16
+inputs: the kernel loads them and computes in fp32, so it is compared with the reference on the *same* values upcast
+to fp32: ce/kl at the fp32 tolerance; dE is returned in the input dtype, so its tolerance is that dtype's rounding
+(bf16: 2⁻⁸ relative, fp16: 2⁻¹⁰ relative, of max |dE|).
+`torch.compile` (fullgraph) runs with backend="aot_eager" (traces forward and backward through the custom ops and
+their fake implementations) and with the default "inductor" (≈20 s on this CPU: it compiles the surrounding C++).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [
+    pytest.mark.interpreter,
+    pytest.mark.skipif(not INTERP and not torch.cuda.is_available(),
+                       reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (run: make test)"),
+]
+DEVICE = "cpu" if INTERP or not torch.cuda.is_available() else "cuda"
+
+from fastmcl.losses import cohort_bank_contrastive_terms, lmcl_plan, mcl_plan  # noqa: E402
+from fastmcl.losses.cohort_terms import _plan_indices, bank_rows_reference  # noqa: E402
+
+TAU, KD_T = 0.07, 3.0
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DE_RTOL = {"fp32": 1e-5, "bf16": 2.0 ** -8, "fp16": 2.0 ** -10}
+
+
+def kernels():
+    triton = pytest.importorskip("triton")  # noqa: F841
+    from fastmcl import kernels as k
+    return k
+
+
+def unit(*shape, gen, dtype=torch.float32):
+    return F.normalize(torch.randn(*shape, generator=gen), dim=-1).to(dtype).to(DEVICE)
+
+
+def plan_vectors(plan, device):
+    ix = _plan_indices(plan, torch.device(device))
+    net_of = ix["net_of"]
+    return (ix["ce_u"], net_of[ix["ce_v"]], ix["ce_is_view"], ix["kl_su"], net_of[ix["kl_sv"]], ix["kl_tu"],
+            net_of[ix["kl_tv"]], ix["kl_is_view"])
+
+
+def inputs(NE, n, B, K, D, dtype, seed, N=None):
+    gen = torch.Generator().manual_seed(seed)
+    N = N or max(2 * K, 64)
+    E = unit(NE, B, D, gen=gen, dtype=dtype)
+    banks = unit(n, N, D, gen=gen, dtype=dtype)
+    idx = torch.randint(0, N, (B, K), generator=gen).to(DEVICE)
+    # make column 0 (the own row) and the positives resemble the anchor, as in training
+    own = F.normalize(E[0].float() + 0.3 * torch.randn(B, D, generator=gen).to(DEVICE), dim=-1)
+    banks[:, idx[:, 0]] = own.to(dtype)
+    return E, banks, idx, gen
+
+
+def assert_close(got, want, rtol, name):
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape, name
+    if want.numel() == 0:
+        return
+    scale = want.abs().max().clamp_min(1e-30)
+    err = (got - want).abs().max()
+    assert err <= rtol * scale, f"{name}: max error {err:.3e} > {rtol:.0e} · max|ref| ({scale:.3e})"
+    assert torch.allclose(got, want, rtol=rtol, atol=float(rtol * scale)), name
+
+
+def check(E, banks, idx, vecs, pos_k, dtype_name="fp32", seed=0, **kw):
+    k = kernels()
+    E1 = E.detach().clone().requires_grad_()
+    E2 = E.detach().float().clone().requires_grad_()
+    ce, kl = k.bank_rows(E1, banks, idx, *vecs, TAU, KD_T, pos_k, **kw)
+    rce, rkl = bank_rows_reference(E2, banks.float(), idx, *vecs, TAU, KD_T, pos_k)
+    assert ce.dtype == kl.dtype == torch.float32
+    assert ce.shape == rce.shape and kl.shape == rkl.shape
+    gen = torch.Generator().manual_seed(seed + 1)
+    gce = (torch.rand(rce.shape, generator=gen) * 2 - 0.5).to(DEVICE)     # random upstream gradient, != 1
+    gkl = (torch.rand(rkl.shape, generator=gen) * 2 - 0.5).to(DEVICE)
+    (dE,) = torch.autograd.grad((ce * gce).sum() + (kl * gkl).sum(), E1)
+    (rdE,) = torch.autograd.grad((rce * gce).sum() + (rkl * gkl).sum(), E2)
+    assert dE.dtype == E.dtype and dE.shape == E.shape
+    assert_close(ce, rce, 1e-5, "ce")
+    assert_close(kl, rkl, 1e-5, "kl")
+    assert_close(dE, rdE, DE_RTOL[dtype_name], "dE")
+
+
+CASES = [  # B, K, D, stages, dtype, pos_k — the covering design in the module docstring
+    (1, 3, 16, 1, "fp32", 1),
+    (7, 129, 128, 2, "fp32", 2),
+    (32, 1000, 16, 3, "fp32", 1),
+    (7, 1000, 128, 4, "fp32", 2),
+    (32, 129, 16, 4, "bf16", 2),
+    (1, 1000, 128, 3, "bf16", 1),
+    (7, 3, 16, 1, "fp16", 1),
+    (32, 129, 128, 2, "fp16", 2),
+]
+
+
+@pytest.mark.parametrize("B,K,D,S,dtype,pos_k", CASES)
+def test_matches_reference(B, K, D, S, dtype, pos_k):
+    plan = lmcl_plan([S, S])
+    E, banks, idx, _ = inputs(2 * S, 2, B, K, D, DTYPES[dtype], seed=B * 1000 + K + D + S)
+    check(E, banks, idx, plan_vectors(plan, DEVICE), pos_k, dtype)
+
+
+@pytest.mark.parametrize("block_k,pos_k", [(16, 17), (64, 1)])
+def test_explicit_block_k(block_k, pos_k):
+    """Ragged K against a forced tile size; pos_k = 17 puts the positives across the first two 16-wide tiles."""
+    plan = lmcl_plan([2, 2])
+    E, banks, idx, _ = inputs(4, 2, 5, 77, 24, torch.float32, seed=7)   # D = 24: padded to 32
+    check(E, banks, idx, plan_vectors(plan, DEVICE), pos_k, block_k=block_k)
+
+
+def test_arbitrary_blocks_mixed_flags_and_empty_lists():
+    """The contract allows any (u, m) blocks: duplicates, one combo as both view and cross, 3 banks (padded to 4),
+    and empty CE or KL lists."""
+    E, banks, idx, _ = inputs(3, 3, 6, 40, 16, torch.float32, seed=11)
+    t = lambda *v: torch.tensor(v, dtype=torch.long, device=DEVICE)          # noqa: E731
+    f = lambda *v: torch.tensor(v, dtype=torch.bool, device=DEVICE)          # noqa: E731
+    ce = (t(0, 0, 1, 2, 2), t(0, 0, 1, 2, 0), f(True, False, True, False, True))
+    kl = (t(0, 0, 1, 2, 2), t(0, 0, 2, 1, 1), t(1, 1, 0, 0, 0), t(1, 1, 0, 0, 2), f(True, False, False, True, True))
+    check(E, banks, idx, ce + kl, 2)
+    empty_l, empty_b = t(), f()
+    check(E, banks, idx, ce + (empty_l, empty_l, empty_l, empty_l, empty_b), 1)
+    check(E, banks, idx, (empty_l, empty_l, empty_b) + kl, 1)
+
+
+def test_bank_gets_no_gradient_and_errors():
+    k = kernels()
+    plan = lmcl_plan([1, 1])
+    E, banks, idx, _ = inputs(2, 2, 3, 10, 16, torch.float32, seed=3)
+    vecs = plan_vectors(plan, DEVICE)
+    E = E.requires_grad_()
+    banks = banks.requires_grad_()
+    ce, kl = k.bank_rows(E, banks, idx, *vecs, TAU, KD_T, 1)
+    (ce.sum() + kl.sum()).backward()
+    assert banks.grad is None and E.grad is not None
+    with pytest.raises(TypeError, match="float64"):
+        k.bank_rows(E.detach().double(), banks.detach(), idx, *vecs, TAU, KD_T, 1)
+    with pytest.raises(ValueError, match="combos"):
+        big = E.detach().new_zeros(40, 3, 16)
+        k.bank_rows(big, banks.detach().repeat(3, 1, 1)[:5], idx, *vecs, TAU, KD_T, 1)
+    with pytest.raises(ValueError, match="K >= pos_k"):
+        k.bank_rows(E.detach(), banks.detach(), idx[:, :3], *vecs, TAU, KD_T, 2)
+
+
+@pytest.mark.parametrize("plan_name,pos_k", [("lmcl22", 2), ("mcl3", 1)])
+def test_end_to_end_cohort_terms(monkeypatch, plan_name, pos_k):
+    """cohort_bank_contrastive_terms(backend="triton") == backend="reference" (plain and K-streamed), with weights."""
+    k = kernels()
+    monkeypatch.setattr(k, "AVAILABLE", True)        # the bank path does not need the in-batch kernel
+    plan = lmcl_plan([2, 2]) if plan_name == "lmcl22" else mcl_plan(3)
+    NE, n = plan.num_embeddings, max(plan.net_of) + 1
+    B, K, D = 6, 70, 32
+    E, banks, idx, gen = inputs(NE, n, B, K, D, torch.float32, seed=5)
+    w = (torch.rand(plan.num_weight_rows, B, generator=gen) + 0.5).to(DEVICE)
+    emb1 = [e.clone().requires_grad_() for e in E.unbind(0)]
+    emb2 = [e.clone().requires_grad_() for e in E.unbind(0)]
+    got = cohort_bank_contrastive_terms(emb1, list(banks.unbind(0)), idx, plan, weights=w, pos_k=pos_k,
+                                        backend="triton")
+    for k_chunk in (None, 16):
+        want = cohort_bank_contrastive_terms(emb2, list(banks.unbind(0)), idx, plan, weights=w, pos_k=pos_k,
+                                             k_chunk=k_chunk, backend="reference")
+        for name, g_, w_ in zip(("vcl", "soft_vcl", "icl", "soft_icl"), got, want):
+            assert_close(g_, w_, 1e-5, name)
+    coeffs = torch.tensor([0.3, 1.7, -0.6, 2.2], device=DEVICE)
+    g1 = torch.autograd.grad(sum(c * t for c, t in zip(coeffs, got)), emb1)
+    g2 = torch.autograd.grad(sum(c * t for c, t in zip(coeffs, want)), emb2)
+    for a, b in zip(g1, g2):
+        assert_close(a, b, 1e-5, "d embedding")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_step(backend):
+    """A compiled step (fullgraph) calls the custom op forward and backward."""
+    k = kernels()
+    plan = lmcl_plan([2, 2])
+    E, banks, idx, gen = inputs(4, 2, 5, 129, 16, torch.float32, seed=9)
+    vecs = plan_vectors(plan, DEVICE)
+    wce = torch.rand(len(plan.ce_blocks), 5, generator=gen).to(DEVICE)
+    wkl = torch.rand(len(plan.kl_blocks), 5, generator=gen).to(DEVICE)
+
+    def step(E, banks, idx):
+        ce, kl = k.bank_rows(E, banks, idx, *vecs, TAU, KD_T, 2)
+        return (ce * wce).mean() + 9.0 * (kl * wkl).mean()
+
+    def ref_step(E, banks, idx):
+        ce, kl = bank_rows_reference(E, banks, idx, *vecs, TAU, KD_T, 2)
+        return (ce * wce).mean() + 9.0 * (kl * wkl).mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    E1 = E.clone().requires_grad_()
+    E2 = E.clone().requires_grad_()
+    loss = compiled(E1, banks, idx)
+    loss.backward()
+    ref = ref_step(E2, banks, idx)
+    ref.backward()
+    assert_close(loss, ref, 1e-5, "compiled loss")
+    assert_close(E1.grad, E2.grad, 1e-5, "compiled dE")

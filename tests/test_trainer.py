@@ -65,10 +65,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
     run = tmp_path / "run"
     original = Trainer.train_step
 
-    def poisoned(self, x, y, index):
+    def poisoned(self, x, y, index, lr=None):
         if self.step == 2:
             x = x * float("nan")
-        return original(self, x, y, index)
+        return original(self, x, y, index, lr)
 
     monkeypatch.setattr(Trainer, "train_step", poisoned)
     rc = main(TINY + ["--method", "dml", "--epochs", "2", "--ckpt-every", "1", "--out", str(run)])

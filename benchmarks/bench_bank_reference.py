@@ -12,7 +12,8 @@ banks of ImageNet-1k size (N = 1,281,167 rows per network, 656 MB each; inputs, 
                 gathers redone in backward, only the [NE, B, K] logits kept.
 
 Method: every case runs in a FRESH subprocess (this file with `--case`), so no case inherits another's allocator
-state. The child builds its inputs, resets the kernel's RSS high-water mark (`echo 5 > /proc/self/clear_refs`,
+state. The child builds its inputs, runs one warm-up step (not for naive) to pay one-time lazy initialisation,
+calls malloc_trim(0) so no freed memory stays resident, resets the kernel's RSS high-water mark (`echo 5 > /proc/self/clear_refs`,
 Linux ≥ 4.0), records the resident set (VmRSS) as the baseline, runs its FIRST step and reads VmHWM: peak = VmHWM −
 baseline = the step's own peak resident memory above its inputs (tensors the step writes are touched, so they are
 resident; measuring the first step means no allocator memory kept from an earlier step can hide part of the peak,
@@ -30,6 +31,7 @@ peak memory than naive.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -81,23 +83,29 @@ def _run_case(case: str) -> dict:
     base = F.normalize(torch.randn(NE, B, D), dim=-1)
     plan = lmcl_plan(NUM_STAGES)
 
-    def step():
-        embs = [e.clone().requires_grad_() for e in base.unbind(0)]
+    def step(rows=B, cols=K):
+        embs = [e[:rows].clone().requires_grad_() for e in base.unbind(0)]
+        idx_, weights_ = idx[:rows, :cols], weights[:, :rows]
         if case == "naive":
             loss = 0.0
             for r, (i, k, j, z) in enumerate(pairs):
-                t = bank_contrastive_terms(embs[offs[i] + k], embs[offs[j] + z], banks[i], banks[j], idx,
-                                           tau=TAU, kd_T=KD_T, pos_k=POS_K, weight=weights[r])
+                t = bank_contrastive_terms(embs[offs[i] + k], embs[offs[j] + z], banks[i], banks[j], idx_,
+                                           tau=TAU, kd_T=KD_T, pos_k=POS_K, weight=weights_[r])
                 loss = loss + sum(COEF[name] * getattr(t, name) for name in COEF)
         else:
-            t = cohort_bank_contrastive_terms(embs, banks, idx, plan, weights=weights, tau=TAU, kd_T=KD_T,
+            t = cohort_bank_contrastive_terms(embs, banks, idx_, plan, weights=weights_, tau=TAU, kd_T=KD_T,
                                               pos_k=POS_K, k_chunk=CASES[case])
             loss = sum(COEF[name] * getattr(t, name) for name in COEF)
         loss.backward()
         return loss.detach(), torch.stack([e.grad for e in embs])
 
-    # Memory: the FIRST step of this fresh process, so no freed-but-retained allocator memory from an earlier step
-    # hides part of the peak (one-time lazy initialisation is counted: conservative for the small cases).
+    # Memory: one warm-up step pays one-time lazy initialisation (thread pools, library workspaces: ~350 MB on the
+    # first step here); malloc_trim then hands every freed page back to the OS, so memory retained by the allocator
+    # cannot hide part of the measured step's peak (naive: skipped, its 16 GiB would not fit twice comfortably and
+    # lazy initialisation is < 3 % of it).
+    if case != "naive":
+        step()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                                                    # reset VmHWM to the current RSS
     baseline_kb = _status_kb("VmRSS")

@@ -194,3 +194,13 @@ def test_triton_backend_is_refused_loudly_until_built():
     a, b = _pair()
     with pytest.raises(NotImplementedError, match="triton"):
         contrastive_terms(a, b, torch.tensor([0, 0, 1, 1]), backend="triton")
+
+
+def test_auto_backend_keeps_fp64_and_the_meta_phase_on_the_reference(monkeypatch):
+    import fastmcl.losses.backend as backend
+    monkeypatch.setattr(backend, "triton_usable", lambda device: (True, ""))
+    cuda = torch.device("cuda")
+    assert backend.resolve_backend("auto", cuda, torch.float32) == "triton"
+    assert backend.resolve_backend("auto", cuda, torch.float64) == "reference"
+    assert backend.resolve_backend("auto", cuda, torch.float32, twice_differentiable=True) == "reference"
+    assert backend.resolve_backend("auto", torch.device("cpu"), torch.float32) == "reference"

@@ -8,8 +8,10 @@ import torch
 BACKENDS = ("auto", "reference", "triton")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """`auto` → `triton` for CUDA tensors when the fused kernels are available, else `reference`.
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None, *,
+                    twice_differentiable: bool = False) -> str:
+    """`auto` → `triton` for CUDA tensors when the fused kernels are available, else `reference` (also for fp64,
+    which the kernels do not take, and for the meta phase's twice-differentiated inner loss).
 
     `triton` on CPU tensors runs only under TRITON_INTERPRET=1 (the interpreter, for tests); otherwise it is refused
     loudly rather than silently falling back.
@@ -20,7 +22,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "reference"
     ok, why = triton_usable(device)
     if backend == "auto":
-        return "triton" if ok and device.type == "cuda" else "reference"
+        fits = dtype != torch.float64 and not twice_differentiable
+        return "triton" if ok and fits and device.type == "cuda" else "reference"
     if not ok:
         raise NotImplementedError(f"backend='triton' cannot run here: {why}; use backend='reference' or 'auto'")
     return "triton"

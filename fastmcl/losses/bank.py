@@ -33,7 +33,7 @@ def bank_contrastive_terms(e_a: Tensor, e_b: Tensor, bank_a: Tensor, bank_b: Ten
     checks.check_positive("tau", tau)
     checks.check_positive("kd_T", kd_T)
     checks.check_weight(weight, (e_a.shape[0],))
-    if resolve_backend(backend, e_a.device) != "reference":  # fused kernels: the cohort engine with one pair
+    if resolve_backend(backend, e_a.device, e_a.dtype) != "reference":  # fused kernels: the cohort engine with one pair
         from .cohort_terms import cohort_bank_contrastive_terms
         from .plan import pair_plan
         w = None if weight is None else weight[None]

@@ -83,7 +83,8 @@ def cohort_contrastive_terms(embeddings: list[Tensor], labels: Tensor, plan: Con
     """
     B, _ = _check_common(embeddings, plan, weights, tau, kd_T)
     checks.check_labels(labels, B, embeddings[0].device)
-    use = resolve_backend(backend, embeddings[0].device)
+    use = resolve_backend(backend, embeddings[0].device, embeddings[0].dtype,
+                          twice_differentiable=student_out is not None)
 
     E = _stack(embeddings)
     ix = _plan_indices(plan, E.device)
@@ -146,7 +147,8 @@ def cohort_bank_contrastive_terms(embeddings: list[Tensor], banks: list[Tensor],
     checks.check_index(idx, B, pos_k, n_rows, check_range=True)
     if k_chunk is not None and (not isinstance(k_chunk, int) or k_chunk < 1):
         raise ValueError(f"k_chunk must be None or an int >= 1, got {k_chunk!r}")
-    use = resolve_backend(backend, embeddings[0].device)
+    use = resolve_backend(backend, embeddings[0].device, embeddings[0].dtype,
+                          twice_differentiable=student_out is not None)
 
     E = _stack(embeddings)
     ix = _plan_indices(plan, E.device)

@@ -41,7 +41,7 @@ def contrastive_terms(e_a: Tensor, e_b: Tensor, labels: Tensor, *, tau: float = 
     checks.check_positive("tau", tau)
     checks.check_positive("kd_T", kd_T)
     checks.check_weight(weight, (e_a.shape[0],))
-    if resolve_backend(backend, e_a.device) != "reference":  # fused kernels: the cohort engine with one pair
+    if resolve_backend(backend, e_a.device, e_a.dtype) != "reference":  # fused kernels: the cohort engine with one pair
         from .cohort_terms import cohort_contrastive_terms
         from .plan import pair_plan
         w = None if weight is None else weight[None]

@@ -186,8 +186,8 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_signal)
         deployed = self.objective.deployed
         print(f"fastmcl: {cfg.method} | members {', '.join(cfg.members())} | data {self.data.source.kind} "
-              f"({len(self.data.labels)} train, {self.data.num_classes} classes) | "
-              f"{'memory bank' if cfg.memory_bank else 'in-batch'} | device {self.device} | optimizer "
+              f"({len(self.data.labels)} train, {self.data.num_classes} classes) via {self.data.loader_name} | "
+              f"contrast: {self._contrast_kind()} | device {self.device} | optimizer "
               f"{self.optimizer_name} | deployed: {deployed} (member 0's final classifier)", flush=True)
         steps_per_epoch = self.data.steps_per_epoch()
         last_eval: dict[str, tuple[float, float]] = {}
@@ -236,6 +236,10 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
             log.close()
+
+    def _contrast_kind(self) -> str:
+        needs = self.objective.needs
+        return "memory bank" if needs.memory_bank else "in-batch" if needs.m_per_class else "none"
 
     def _done(self) -> bool:
         return bool(self.cfg.max_steps) and self.step >= self.cfg.max_steps

@@ -49,7 +49,6 @@ it works); constructing a loader without it raises DataError. It imports nothing
 from __future__ import annotations
 
 import io
-import math
 import os
 import warnings
 from collections import deque

@@ -7,13 +7,13 @@ Whole cohort, each distinct block once: `cohort_contrastive_terms`, `cohort_bank
 from .bank import bank_contrastive_terms
 from .backend import BACKENDS, resolve_backend
 from .cohort_terms import cohort_bank_contrastive_terms, cohort_contrastive_terms
-from .contrastive import ContrastiveTerms, contrastive_terms
+from .contrastive import ContrastiveTerms, compute_dtype, contrastive_terms
 from .distill import cross_entropy, kd_kl
 from .memory import MemoryBank
 from .plan import TERMS, ContrastPlan, layer_pairs, lmcl_plan, mcl_plan
 
 __all__ = [
     "BACKENDS", "ContrastPlan", "ContrastiveTerms", "MemoryBank", "TERMS", "bank_contrastive_terms",
-    "cohort_bank_contrastive_terms", "cohort_contrastive_terms", "contrastive_terms", "cross_entropy", "kd_kl",
+    "cohort_bank_contrastive_terms", "cohort_contrastive_terms", "compute_dtype", "contrastive_terms", "cross_entropy", "kd_kl",
     "layer_pairs", "lmcl_plan", "mcl_plan", "resolve_backend",
 ]

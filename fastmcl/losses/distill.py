@@ -1,11 +1,11 @@
 """Logit-level terms: cross-entropy and the T²-scaled KD KL (spec/lmcl.md §1.4, `DistillKL`)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import checks
+from .contrastive import compute_dtype
 
 
 def kd_kl(student: Tensor, teacher: Tensor, T: float = 3.0, *, detach_teacher: bool = True) -> Tensor:
@@ -20,7 +20,7 @@ def kd_kl(student: Tensor, teacher: Tensor, T: float = 3.0, *, detach_teacher: b
     checks.check_positive("T", T)
     if detach_teacher:
         teacher = teacher.detach()
-    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(student)
     log_p_s = F.log_softmax(student.to(dtype) / T, dim=1)
     log_p_t = F.log_softmax(teacher.to(dtype) / T, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
@@ -31,5 +31,4 @@ def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, C], got shape {tuple(logits.shape)}")
     checks.check_labels(labels, logits.shape[0], logits.device)
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return F.cross_entropy(logits.to(dtype), labels.long())
+    return F.cross_entropy(logits.to(compute_dtype(logits)), labels.long())

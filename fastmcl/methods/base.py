@@ -9,6 +9,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..losses import compute_dtype, cross_entropy
+
 
 @dataclass(frozen=True)
 class MethodNeeds:
@@ -57,10 +59,10 @@ class Objective(nn.Module):
 def fp32(module: nn.Module, x: Tensor) -> Tensor:
     """Run a small head outside autocast in fp32 (fp64 stays fp64): L2-normalised embeddings scaled by 1/τ and the
     matching weights are too sensitive for bf16/fp16 (spec: losses and softmax statistics in fp32)."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False):
-        return module(x.to(dtype))
+        return module(x.to(compute_dtype(x)))
 
 
-def sum_ce(logit_list, labels, ce) -> Tensor:
-    return torch.stack([ce(z, labels) for z in logit_list]).sum()
+def sum_ce(logit_list, labels: Tensor) -> Tensor:
+    """Σ CE over a list of classifiers' logits."""
+    return torch.stack([cross_entropy(z, labels) for z in logit_list]).sum()

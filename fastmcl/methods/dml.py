@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..losses import cross_entropy, kd_kl
+from ..losses import kd_kl
 from .base import MethodNeeds, Objective, StepOutput, sum_ce
 
 
@@ -20,7 +20,7 @@ class DML(Objective):
     def forward(self, outputs, labels: Tensor, contrast_idx: Tensor | None = None) -> StepOutput:
         logits = [o.logits[-1] for o in outputs]
         K = len(logits)
-        ce = sum_ce(logits, labels, cross_entropy)
+        ce = sum_ce(logits, labels)
         kd = torch.stack([kd_kl(logits[k], logits[l], self.kd_T)
                           for k in range(K) for l in range(K) if l != k]).sum() / (K - 1)
         return StepOutput(ce + kd, {"ce": ce.detach(), "kd": kd.detach()}, {})

@@ -11,32 +11,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..losses import (MemoryBank, cohort_bank_contrastive_terms, cohort_contrastive_terms, cross_entropy, kd_kl,
-                      layer_pairs, lmcl_plan)
+from ..losses import compute_dtype, kd_kl, layer_pairs, lmcl_plan
 from ..models.heads import Aggregator, EmbedHead
 from ..models.meta_network import MetaWeightNet
-from .base import MethodNeeds, Objective, StepOutput, fp32, sum_ce
+from .base import StepOutput, fp32, sum_ce
+from .contrastive import ContrastiveObjective
 from .weights import ContrastWeights
 
 
-class LMCL(Objective):
+class LMCL(ContrastiveObjective):
     def __init__(self, feature_dims: list[int], num_stages: list[int], num_classes: int, *,
                  weights: ContrastWeights, memory_bank: bool = False, num_samples: int = 0, feat_dim: int = 128,
                  pos_k: int = 1, nce_m: float = 0.5, backend: str = "reference", k_chunk: int | None = None,
                  meta_proj_dim: int = 128):
-        super().__init__()
+        super().__init__(lmcl_plan(list(num_stages)), weights=weights, aux=True, memory_bank=memory_bank,
+                         num_samples=num_samples, feat_dim=feat_dim, pos_k=pos_k, nce_m=nce_m, backend=backend,
+                         k_chunk=k_chunk)
         n = len(feature_dims)
-        self.needs = MethodNeeds(aux=True, memory_bank=memory_bank, m_per_class=0 if memory_bank else 2)
-        self.w = weights
         self.num_stages = list(num_stages)
+        # flat position of each network's final-stage embedding (what the memory banks store)
+        self.final_flat = [sum(self.num_stages[:i + 1]) - 1 for i in range(n)]
         self.heads = nn.ModuleList(nn.ModuleList(EmbedHead(feature_dims[i], feat_dim) for _ in range(num_stages[i]))
                                    for i in range(n))
         self.aggregators = nn.ModuleList(Aggregator(num_stages[i], feature_dims[i], num_classes) for i in range(n))
         self.meta_net = MetaWeightNet([[feature_dims[i]] * num_stages[i] for i in range(n)], meta_proj_dim)
         self.pairs = layer_pairs(self.num_stages)
-        self.plan = lmcl_plan(self.num_stages)
-        self.memory = MemoryBank(n, num_samples, feat_dim, nce_m) if memory_bank else None
-        self.pos_k, self.backend, self.k_chunk = pos_k, backend, k_chunk
 
     def meta_parameters(self) -> list[nn.Parameter]:
         return list(self.meta_net.parameters())
@@ -61,47 +60,34 @@ class LMCL(Objective):
 
     def outer_loss(self, outputs, labels: Tensor) -> Tensor:
         """Σ stage CE (no aggregator, no KD)."""
-        return sum_ce([z for o in outputs for z in o.logits], labels, cross_entropy)
+        return sum_ce([z for o in outputs for z in o.logits], labels)
 
     def matching_weights(self, outputs) -> Tensor:
         """[P, B] per-pair per-sample weights from the raw stage features (spec §2.3)."""
-        feats = [list(o.features) for o in outputs]
-        dtype = torch.float64 if feats[0][0].dtype == torch.float64 else torch.float32
-        with torch.autocast(feats[0][0].device.type, enabled=False):
-            return self.meta_net([[f.to(dtype) for f in fs] for fs in feats], self.pairs)
+        first = outputs[0].features[0]
+        dtype = compute_dtype(first)
+        with torch.autocast(first.device.type, enabled=False):  # fp32 like the heads (see `fp32`)
+            return self.meta_net([[f.to(dtype) for f in o.features] for o in outputs], self.pairs)
 
     def contrastive(self, outputs, labels: Tensor, contrast_idx: Tensor | None, weights: Tensor,
                     student_out: list | None = None):
         """(weighted α/γ/β/λ terms, per-network final embeddings) — also the meta phase's inner objective."""
         emb = [fp32(head, f) for heads, o in zip(self.heads, outputs) for head, f in zip(heads, o.features)]
-        if self.memory is None:
-            c = cohort_contrastive_terms(emb, labels, self.plan, weights=weights, tau=self.w.tau, kd_T=self.w.kd_T,
-                                         backend=self.backend, student_out=student_out)
-        else:
-            c = cohort_bank_contrastive_terms(emb, self.memory.memory, contrast_idx, self.plan, weights=weights,
-                                              tau=self.w.tau, kd_T=self.w.kd_T, pos_k=self.pos_k,
-                                              k_chunk=self.k_chunk, backend=self.backend, student_out=student_out)
-        ends = torch.tensor(self.num_stages).cumsum(0) - 1
-        return self.w.weighted(c), [emb[int(e)] for e in ends]
+        terms = self.contrast(emb, labels, contrast_idx, weights, student_out)
+        return terms, [emb[u] for u in self.final_flat]
 
     def forward(self, outputs, labels: Tensor, contrast_idx: Tensor | None = None) -> StepOutput:
         with torch.no_grad():
             weights = self.matching_weights(outputs)
-        stage_ce = sum_ce([z for o in outputs for z in o.logits], labels, cross_entropy)
+        stage_ce = self.outer_loss(outputs, labels)
         aggs = [agg(list(o.features), list(o.logits)) for agg, o in zip(self.aggregators, outputs)]
-        agg_ce = sum_ce(aggs, labels, cross_entropy)
+        agg_ce = sum_ce(aggs, labels)
         logit_kd = torch.stack([kd_kl(o.logits[-1], a, self.w.kd_T) for o in outputs for a in aggs]).sum()
         terms = {"stage_ce": stage_ce, "agg_ce": agg_ce, "logit_kd": logit_kd}
         contrast, finals = self.contrastive(outputs, labels, contrast_idx, weights)
         terms.update(contrast)
         loss = torch.stack(list(terms.values())).sum()
         return StepOutput(loss, {k: v.detach() for k, v in terms.items()}, {"final_embeddings": finals})
-
-    @torch.no_grad()
-    def after_step(self, out: StepOutput, index: Tensor | None) -> None:
-        if self.memory is not None:  # only the final-stage embedding is stored (spec §1.3)
-            for i, e in enumerate(out.state["final_embeddings"]):
-                self.memory.update(i, index, e)
 
     def eval_logits(self, outputs) -> dict[str, Tensor]:
         named = super().eval_logits(outputs)

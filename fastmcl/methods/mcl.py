@@ -8,31 +8,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..losses import (MemoryBank, cohort_bank_contrastive_terms, cohort_contrastive_terms, cross_entropy, kd_kl,
-                      mcl_plan)
+from ..losses import kd_kl, mcl_plan
 from ..models.heads import EmbedHead
-from .base import MethodNeeds, Objective, StepOutput, fp32, sum_ce
+from .base import StepOutput, fp32, sum_ce
+from .contrastive import ContrastiveObjective
 from .weights import ContrastWeights
 
 
-class MCL(Objective):
+class MCL(ContrastiveObjective):
     def __init__(self, feature_dims: list[int], *, weights: ContrastWeights, memory_bank: bool = False,
                  num_samples: int = 0, feat_dim: int = 128, pos_k: int = 1, nce_m: float = 0.5,
                  logit_kd: bool = False, detach_ensemble: bool = True, backend: str = "reference",
                  k_chunk: int | None = None):
-        super().__init__()
-        n = len(feature_dims)
-        self.needs = MethodNeeds(memory_bank=memory_bank, m_per_class=0 if memory_bank else 2)
-        self.w = weights
+        super().__init__(mcl_plan(len(feature_dims)), weights=weights, aux=False, memory_bank=memory_bank,
+                         num_samples=num_samples, feat_dim=feat_dim, pos_k=pos_k, nce_m=nce_m, backend=backend,
+                         k_chunk=k_chunk)
         self.heads = nn.ModuleList(EmbedHead(d, feat_dim) for d in feature_dims)
-        self.plan = mcl_plan(n)
-        self.memory = MemoryBank(n, num_samples, feat_dim, nce_m) if memory_bank else None
-        self.pos_k, self.logit_kd, self.detach_ensemble = pos_k, logit_kd, detach_ensemble
-        self.backend, self.k_chunk = backend, k_chunk
+        self.logit_kd, self.detach_ensemble = logit_kd, detach_ensemble
 
     def forward(self, outputs, labels: Tensor, contrast_idx: Tensor | None = None) -> StepOutput:
         logits = [o.logits[-1] for o in outputs]
-        terms = {"ce": sum_ce(logits, labels, cross_entropy)}
+        terms = {"ce": sum_ce(logits, labels)}
         if self.logit_kd:
             # spec §1.4: mean-logit ensemble; n = 2 both distil, n > 2 only the last network does.
             ens = torch.stack(logits).mean(0)
@@ -40,19 +36,6 @@ class MCL(Objective):
             terms["logit_kd"] = torch.stack([kd_kl(z, ens, self.w.kd_T, detach_teacher=self.detach_ensemble)
                                              for z in students]).sum()
         emb = [fp32(head, o.features[-1]) for head, o in zip(self.heads, outputs)]
-        if self.memory is None:
-            c = cohort_contrastive_terms(emb, labels, self.plan, tau=self.w.tau, kd_T=self.w.kd_T,
-                                         backend=self.backend)
-        else:
-            c = cohort_bank_contrastive_terms(emb, self.memory.memory, contrast_idx, self.plan, tau=self.w.tau,
-                                              kd_T=self.w.kd_T, pos_k=self.pos_k, k_chunk=self.k_chunk,
-                                              backend=self.backend)
-        terms.update(self.w.weighted(c))
+        terms.update(self.contrast(emb, labels, contrast_idx))
         loss = torch.stack(list(terms.values())).sum()
         return StepOutput(loss, {k: v.detach() for k, v in terms.items()}, {"final_embeddings": emb})
-
-    @torch.no_grad()
-    def after_step(self, out: StepOutput, index: Tensor | None) -> None:
-        if self.memory is not None:
-            for i, e in enumerate(out.state["final_embeddings"]):
-                self.memory.update(i, index, e)

@@ -138,13 +138,14 @@ class Trainer:
         with self.autocast:
             outputs = self.cohort(x)
             out = self.objective(outputs, y, contrast_idx)
-        if not torch.isfinite(out.loss):
-            raise NonFiniteLoss(f"non-finite loss ({out.loss.item()}) at step {self.step} (epoch {self.epoch})")
+        loss = out.loss.item()  # the step's one host sync: the NaN check before the update, and the logged loss
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite loss ({loss}) at step {self.step} (epoch {self.epoch})")
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.optimizer.step()
         self.objective.after_step(out, index)
-        terms = {"loss": out.loss.detach(), **{k: v for k, v in out.terms.items()}}
+        terms = {"loss": loss, **out.terms}
         # spec §2.4: after the regular update, on the same batch, when batch_idx % meta_freq == 0
         if self.meta is not None and self.step_in_epoch % self.cfg.meta_freq == 0:
             with self.autocast:
@@ -207,7 +208,7 @@ class Trainer:
                     terms = self.train_step(x, y, index, lr)
                     self.step += 1
                     self.step_in_epoch += 1
-                    loss = float(terms["loss"])
+                    loss = terms["loss"]
                     losses.append(loss)
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()

@@ -33,6 +33,7 @@ TAG_ITEM = 4
 TAG_MPERCLASS = 5
 TAG_SHUFFLE = 6
 TAG_WORKER = 7
+TAG_VIEW = 8
 
 
 def _mul32(x, c: int):
@@ -103,3 +104,11 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
     hi = cell(r, column_code(0))
     lo = cell(r, column_code(1))
     return ((hi << 31) ^ lo) & 0x7FFFFFFFFFFFFFFF
+
+
+def view_seed(seed: int, view: int) -> int:
+    """Augmentation seed of member view `view` (KDCL/PCL per-member views): view 0 keeps `seed`, so a one-view run
+    augments exactly as before; every other view gets an independent 31-bit seed keyed by (seed, view)."""
+    if view == 0:
+        return int(seed)
+    return seed64(seed, view, TAG_VIEW) & 0x7FFFFFFF

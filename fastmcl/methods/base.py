@@ -18,6 +18,11 @@ class MethodNeeds:
     memory_bank: bool = False        # dataset indices + contrast indices from the negative sampler
     m_per_class: int = 0             # in-batch contrast needs m samples per class in every batch (0: any sampler)
     min_members: int = 2             # a mutual method needs at least two members
+    default_members: int = 2         # cohort size when the user gives none (ONE/PCL 3, OKDDip 4)
+    shared_trunk: bool = False       # multi-branch: members share stem + all residual stages but the last
+    trunk_grad_scale: bool = False   # CL-ILR: the gradient into the shared trunk is scaled by 1/m
+    views: bool = False              # one independently augmented view of each image per member (KDCL, PCL)
+    ema: bool = False                # a temporal-mean (EMA) copy of the cohort (PCL mean teachers)
 
 
 class StepOutput(NamedTuple):
@@ -33,15 +38,29 @@ class Objective(nn.Module):
     #: name of the classifier in `eval_logits` that is deployed (a member's final classifier)
     deployed: str = "net0"
 
-    def forward(self, outputs, labels: Tensor, contrast_idx: Tensor | None = None) -> StepOutput:
+    #: the training epoch (set by the trainer before each epoch; ramp-up weights read it)
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    #: under DDP the trainer sets this to an all-gather with gradient (rank-ordered concatenation along dim 0);
+    #: in-batch contrast gathers embeddings, labels and weights so negatives span the global batch
+    gather = None
+
+    def forward(self, outputs, labels: Tensor, contrast_idx: Tensor | None = None, *,
+                ema_outputs=None) -> StepOutput:
+        """`outputs`: one BackboneOutput per member; `ema_outputs`: the EMA cohort's outputs on the same input(s)
+        (no gradient) when `needs.ema`, else None."""
         raise NotImplementedError
 
     @torch.no_grad()
     def after_step(self, out: StepOutput, index: Tensor | None) -> None:
         """Called after the optimizer step (memory-bank updates)."""
 
-    def eval_logits(self, outputs) -> dict[str, Tensor]:
-        """Every classifier to evaluate, by name: members first as `net{i}`."""
+    def eval_logits(self, outputs, ema_outputs=None) -> dict[str, Tensor]:
+        """Every classifier to evaluate, by name: members first as `net{i}`, then e.g. `net{i}.stage{s}`, `ens`,
+        `ema{i}` (EMA members, when `needs.ema`)."""
         return {f"net{i}": o.logits[-1] for i, o in enumerate(outputs)}
 
     #: whether the objective has a meta phase (inner_loss / outer_loss / virtual_parameter_prefixes)

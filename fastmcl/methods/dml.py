@@ -17,7 +17,8 @@ class DML(Objective):
         self.num_members = num_members
         self.kd_T = kd_T
 
-    def forward(self, outputs, labels: Tensor, contrast_idx: Tensor | None = None) -> StepOutput:
+    def forward(self, outputs, labels: Tensor, contrast_idx: Tensor | None = None, *,
+                ema_outputs=None) -> StepOutput:
         logits = [o.logits[-1] for o in outputs]
         K = len(logits)
         ce = sum_ce(logits, labels)

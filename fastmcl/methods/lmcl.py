@@ -76,7 +76,8 @@ class LMCL(ContrastiveObjective):
         terms = self.contrast(emb, labels, contrast_idx, weights, student_out)
         return terms, [emb[u] for u in self.final_flat]
 
-    def forward(self, outputs, labels: Tensor, contrast_idx: Tensor | None = None) -> StepOutput:
+    def forward(self, outputs, labels: Tensor, contrast_idx: Tensor | None = None, *,
+                ema_outputs=None) -> StepOutput:
         with torch.no_grad():
             weights = self.matching_weights(outputs)
         stage_ce = self.outer_loss(outputs, labels)
@@ -89,7 +90,7 @@ class LMCL(ContrastiveObjective):
         loss = torch.stack(list(terms.values())).sum()
         return StepOutput(loss, {k: v.detach() for k, v in terms.items()}, {"final_embeddings": finals})
 
-    def eval_logits(self, outputs) -> dict[str, Tensor]:
+    def eval_logits(self, outputs, ema_outputs=None) -> dict[str, Tensor]:
         named = super().eval_logits(outputs)
         for i, o in enumerate(outputs):
             for s, z in enumerate(o.logits[:-1]):

@@ -26,7 +26,8 @@ class MCL(ContrastiveObjective):
         self.heads = nn.ModuleList(EmbedHead(d, feat_dim) for d in feature_dims)
         self.logit_kd, self.detach_ensemble = logit_kd, detach_ensemble
 
-    def forward(self, outputs, labels: Tensor, contrast_idx: Tensor | None = None) -> StepOutput:
+    def forward(self, outputs, labels: Tensor, contrast_idx: Tensor | None = None, *,
+                ema_outputs=None) -> StepOutput:
         logits = [o.logits[-1] for o in outputs]
         terms = {"ce": sum_ce(logits, labels)}
         if self.logit_kd:

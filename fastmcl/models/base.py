@@ -20,10 +20,12 @@ PostFactory = Callable[[int], nn.Module]
 
 
 class BackboneOutput(NamedTuple):
-    """Per-stage pooled features `[B, feature_dim]` and logits `[B, num_classes]`, order `[aux..., final]`."""
+    """Per-stage pooled features `[B, feature_dim]` and logits `[B, num_classes]`, order `[aux..., final]`; with a
+    shared trunk also the trunk's pooled output `[B, C_trunk]` (ONE's gate reads it), else None."""
 
     features: list[Tensor]
     logits: list[Tensor]
+    trunk: Tensor | None = None
 
 
 def global_pool(x: Tensor) -> Tensor:

@@ -12,10 +12,24 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
 
-from .base import BackboneOutput, Branch, StagedBackbone
+from .base import BackboneOutput, Branch, StagedBackbone, global_pool
 from .registry import build_backbone
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient × scale backward (CL-ILR's backprop rescaling, spec/pcl_baselines.md §2.5)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
 
 
 class Cohort(nn.Module):
@@ -37,6 +51,8 @@ class Cohort(nn.Module):
         # a shared-trunk branch has a single output (aux branches are not supported there)
         self.num_stages: list[int] = [1 if trunk is not None else int(net.num_stages) for net in nets]
         self.archs: list[str] = list(archs) if archs is not None else [type(n).__name__ for n in nets]
+        #: scale of the gradient flowing back into the shared trunk (CL-ILR: 1/m); 1 leaves it alone
+        self.trunk_grad_scale: float = 1.0
 
     @property
     def shared_trunk(self) -> bool:
@@ -58,10 +74,12 @@ class Cohort(nn.Module):
             return [net(x if views is None else views[i]) for i, net in enumerate(self.nets)]
         # shared trunk: once for a common batch, once per view otherwise
         hs = [self.trunk(x)] * self.members if views is None else [self.trunk(v) for v in views]
+        if self.trunk_grad_scale != 1.0:
+            hs = [_ScaleGrad.apply(h, self.trunk_grad_scale) for h in hs]
         outs = []
         for net, h in zip(self.nets, hs):
             f, z = net(h)
-            outs.append(BackboneOutput([f], [z]))
+            outs.append(BackboneOutput([f], [z], global_pool(h)))
         return outs
 
     def member_modules(self, i: int) -> list[nn.Module]:
@@ -84,17 +102,17 @@ def _split(backbone: StagedBackbone, trunk_stages: int) -> tuple[nn.Sequential, 
 
 
 def build_cohort(archs: list[str], num_classes: int, *, aux: bool = False, shared_stem: bool = False,
-                 trunk_stages: int = 1) -> Cohort:
+                 trunk_stages: int | None = 1) -> Cohort:
     """Build a cohort of `len(archs)` members.
 
     `shared_stem=True` builds the multi-branch layout: one trunk (stem + the first `trunk_stages` residual stages;
-    1 = MCL×4 "ResNet_b" of spec/lmcl.md Q3, 2 = the ONE/PCL CIFAR split of spec/pcl_baselines.md §1.1) and one
-    branch per member. It needs identical archs and no aux branches.
+    1 = MCL×4 "ResNet_b" of spec/lmcl.md Q3; None = all but the last, the ONE/OKDDip/CL-ILR/PCL split of
+    spec/pcl_baselines.md §1.1) and one branch per member. It needs identical archs and no aux branches.
     """
     if isinstance(archs, str) or not isinstance(archs, (list, tuple)) or len(archs) == 0:
         raise ValueError(f"archs: expected a non-empty list of architecture names, got {archs!r}")
     if not shared_stem:
-        if trunk_stages != 1:
+        if trunk_stages not in (1, None):
             raise ValueError(f"trunk_stages: only meaningful with shared_stem=True, got {trunk_stages}")
         nets = [build_backbone(a, num_classes, aux=aux) for a in archs]
         return Cohort(nets, archs=archs)
@@ -106,6 +124,7 @@ def build_cohort(archs: list[str], num_classes: int, *, aux: bool = False, share
     # one fresh backbone per member (own init); member 0 donates the trunk, the others' stems are dropped
     backbones = [build_backbone(a, num_classes) for a in archs]
     n_res = backbones[0].num_res_stages
+    trunk_stages = n_res - 1 if trunk_stages is None else trunk_stages
     if isinstance(trunk_stages, bool) or not isinstance(trunk_stages, int) or not 1 <= trunk_stages < n_res:
         raise ValueError(f"trunk_stages: must be in [1, {n_res - 1}] for {archs[0]}, got {trunk_stages!r}")
     trunk, _ = _split(backbones[0], trunk_stages)

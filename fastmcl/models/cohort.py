@@ -53,6 +53,11 @@ class Cohort(nn.Module):
         self.archs: list[str] = list(archs) if archs is not None else [type(n).__name__ for n in nets]
         #: scale of the gradient flowing back into the shared trunk (CL-ILR: 1/m); 1 leaves it alone
         self.trunk_grad_scale: float = 1.0
+        #: channels of the shared trunk's output (the width of `BackboneOutput.trunk`), None without a trunk
+        self.trunk_dim: int | None = None
+        if trunk is not None:
+            first_conv = next(m for m in nets[0].modules() if isinstance(m, nn.Conv2d))
+            self.trunk_dim = int(first_conv.in_channels)
 
     @property
     def shared_trunk(self) -> bool:

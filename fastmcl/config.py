@@ -14,6 +14,9 @@ from pathlib import Path
 
 import yaml
 
+#: every --method (fastmcl.methods.METHODS; kept here so the config imports nothing of the package)
+METHOD_NAMES = ("dml", "one", "okddip", "kdcl", "clilr", "pcl", "mcl", "lmcl")
+
 
 def _f(default, group: str, help: str, **kw):
     if isinstance(default, list):
@@ -44,10 +47,11 @@ class TrainConfig:
     # model / cohort
     arch: list[str] = _f([], "model", "architecture per member, repeatable (--arch resnet32 --arch wrn_40_2); "
                                       "default resnet32 for every member", action="append")
-    cohort: int = _f(2, "model", "number of members when --arch is given once or not at all")
+    cohort: int | None = _f(None, "model", "number of members when --arch is given once or not at all (default: "
+                                           "the method's, 2; ONE/CL-ILR/PCL 3, OKDDip 4)")
     shared_stem: bool = _f(False, "model", "MCL x n 'branched' variant: members share stem + layer1 (spec Q3)")
     # method
-    method: str = _f("lmcl", "method", "dml | mcl | lmcl")
+    method: str = _f("lmcl", "method", "dml | one | okddip | kdcl | clilr | pcl | mcl | lmcl")
     memory_bank: bool | None = _f(None, "method", "memory-bank contrast (spec §1.3); default on for ImageNet-style data "
                                                   "at >= 64 px, off for CIFAR-style 32 px data")
     tau: float | None = _f(None, "method", "contrastive temperature (0.1 in-batch, 0.07 bank)")
@@ -66,6 +70,9 @@ class TrainConfig:
     meta_freq: int | None = _f(None, "method", "run a meta phase every N batches of an epoch, batch 0 included "
                                                "(default 50 CIFAR-style, 500 ImageNet-style)")
     meta_inner: int = _f(2, "method", "virtual inner steps per meta phase")
+    rampup_epochs: int | None = _f(None, "method", "ONE/OKDDip/PCL sigmoid ramp-up of the distillation weight, "
+                                                   "w = exp(-5(1-t/L)^2) (default 80; the digits demo: its epochs)")
+    ema_alpha: float = _f(0.999, "method", "PCL temporal mean: alpha_max of the EMA update")
     # optimisation
     epochs: int | None = _f(None, "optim", "epochs (default: 300 CIFAR-style, 100 ImageNet-style, 6 digits demo)")
     batch_size: int | None = _f(None, "optim", "global batch size (default 128; the digits demo 32)")
@@ -84,7 +91,14 @@ class TrainConfig:
     backend: str = _f("auto", "speed", "contrastive loss backend: auto | reference | triton")
     k_chunk: int | None = _f(2048, "speed", "stream the bank's K in chunks of this size (reference backend)")
     channels_last: bool = _f(False, "speed", "channels_last memory format for the cohort")
-    amp: str = _f("off", "speed", "autocast: off | bf16 (fp16 lands with the fast trainer)")
+    amp: str = _f("off", "speed", "autocast: off | bf16 | fp16 (fp16 with a GradScaler; losses, softmax statistics, "
+                                  "heads and the meta-network stay fp32)")
+    compile: bool = _f(False, "speed", "torch.compile the training step (cohort forward + objective + meta-network "
+                                       "forward); the meta phase's double backward stays eager")
+    compile_mode: str = _f("default", "speed", "torch.compile mode: default | reduce-overhead (CUDA graphs, static "
+                                               "shapes) | max-autotune")
+    compile_backend: str = _f("inductor", "speed", "torch.compile backend (inductor; aot_eager for quick checks)")
+    sync_bn: bool = _f(False, "speed", "under torchrun: synchronised BatchNorm over all processes")
     # run
     out: str = _f("runs/latest", "run", "run directory")
     seed: int = _f(0, "run", "random seed")
@@ -95,19 +109,21 @@ class TrainConfig:
     progress: bool = _f(True, "run", "tqdm progress bar")
 
     # -- resolution --------------------------------------------------------------------------------------------------
-    def resolve(self, *, cifar_style: bool, demo: bool) -> "TrainConfig":
+    def resolve(self, *, cifar_style: bool, demo: bool, default_members: int = 2) -> "TrainConfig":
         """Fill every None from the data style and method (spec/lmcl.md §0, §3)."""
         c = dataclasses.replace(self)
+        c.cohort = c.cohort or default_members
         c.image_size = c.image_size or (32 if cifar_style else 224)
         c.val_resize = c.val_resize or round(c.image_size / 0.875)
         if c.memory_bank is None:
-            c.memory_bank = (not cifar_style) and c.method != "dml"
+            c.memory_bank = (not cifar_style) and c.method in ("mcl", "lmcl")  # the contrastive methods
         # The digits demo: 1,438 images of 10 classes, so smaller batches (8 classes x 4) and more, gentler steps.
         c.epochs = c.epochs or (6 if demo else 300 if cifar_style else 100)
         c.batch_size = c.batch_size or (32 if demo else 128)
         c.lr = c.lr or (0.05 if demo else 0.1)
         c.m_per_class = c.m_per_class or (4 if demo else 2)
         c.meta_freq = c.meta_freq or (50 if cifar_style else 500)
+        c.rampup_epochs = c.rampup_epochs if c.rampup_epochs is not None else (c.epochs if demo else 80)
         c.warmup_epochs = c.warmup_epochs if c.warmup_epochs is not None else (1.0 if demo else 0.0)
         c.weight_decay = c.weight_decay if c.weight_decay is not None else (5e-4 if cifar_style else 1e-4)
         c.schedule = c.schedule or ("cosine" if cifar_style else "multistep")
@@ -126,9 +142,9 @@ class TrainConfig:
         def need(ok: bool, name: str, msg: str):
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')}: {msg}")
-        need(self.method in ("dml", "mcl", "lmcl"), "method", f"unknown method {self.method!r} (dml, mcl, lmcl)")
+        need(self.method in METHOD_NAMES, "method", f"unknown method {self.method!r} ({', '.join(METHOD_NAMES)})")
         need(self.batch_size is None or self.batch_size >= 1, "batch_size", "must be >= 1")
-        need(self.cohort >= 1, "cohort", "must be >= 1")
+        need(self.cohort is None or self.cohort >= 1, "cohort", "must be >= 1")
         need(len(self.members()) >= 2, "cohort", f"method {self.method!r} is mutual and needs at least 2 members, got "
                                                   f"{len(self.members())}")
         need(self.lr is None or self.lr > 0, "lr", "must be > 0")
@@ -145,7 +161,11 @@ class TrainConfig:
              f"must be second-order, first-order or off, got {self.meta_mode!r}")
         need(self.meta_freq is None or self.meta_freq >= 1, "meta_freq", "must be >= 1")
         need(self.meta_inner >= 1, "meta_inner", "must be >= 1")
-        need(self.amp in ("off", "bf16"), "amp", f"must be off or bf16, got {self.amp!r}")
+        need(self.amp in ("off", "bf16", "fp16"), "amp", f"must be off, bf16 or fp16, got {self.amp!r}")
+        need(self.compile_mode in ("default", "reduce-overhead", "max-autotune"), "compile_mode",
+             f"must be default, reduce-overhead or max-autotune, got {self.compile_mode!r}")
+        need(self.rampup_epochs is None or self.rampup_epochs >= 0, "rampup_epochs", "must be >= 0")
+        need(0.0 <= self.ema_alpha < 1.0, "ema_alpha", f"must be in [0, 1), got {self.ema_alpha}")
         need(self.schedule in (None, "cosine", "multistep"), "schedule", f"must be cosine or multistep, got {self.schedule!r}")
         need(self.backend in ("auto", "reference", "triton"), "backend", f"must be auto, reference or triton, got {self.backend!r}")
         need(self.k_chunk is None or self.k_chunk >= 1, "k_chunk", "must be >= 1")
@@ -158,7 +178,7 @@ class TrainConfig:
         """Architecture of every member: --arch given n > 1 times wins; one --arch (or none) × --cohort."""
         if len(self.arch) > 1:
             return list(self.arch)
-        return [self.arch[0] if self.arch else "resnet32"] * self.cohort
+        return [self.arch[0] if self.arch else "resnet32"] * (self.cohort or 2)
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
@@ -181,7 +201,8 @@ def _base_type(tp):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastmcl.train",
-                                description="Train a cohort with online knowledge distillation (L-MCL, MCL, DML).")
+                                description="Train a cohort with online knowledge distillation (L-MCL, MCL, PCL, DML, "
+                                            "ONE, OKDDip, KDCL, CL-ILR).")
     p.add_argument("--config", default=None, help="YAML file of config fields; command-line flags override it")
     groups = {k: p.add_argument_group(v) for k, v in GROUPS.items()}
     hints = typing.get_type_hints(TrainConfig)

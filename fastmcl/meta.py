@@ -52,7 +52,7 @@ class MetaResult:
 class MetaPhase:
     def __init__(self, cohort: nn.Module, objective: nn.Module, meta_optimizer: torch.optim.Optimizer | None, *,
                  inner_steps: int = 2, mode: str = "second-order", momentum: float = 0.9,
-                 weight_decay: float = 5e-4):
+                 weight_decay: float = 5e-4, reduce_grads=None):
         if mode not in META_MODES:
             raise ValueError(f"meta mode must be one of {', '.join(META_MODES)}, got {mode!r}")
         if inner_steps < 1:
@@ -60,6 +60,9 @@ class MetaPhase:
         self.joint = _Joint(cohort, objective)
         self.meta_optimizer = meta_optimizer
         self.inner_steps, self.mode = inner_steps, mode
+        # under DDP: each rank unrolls on its own slice of the batch (no cross-rank gather inside the double
+        # backward) and the hypergradients are averaged by `reduce_grads` before the meta optimizer's step
+        self.reduce_grads = reduce_grads
         self.momentum, self.weight_decay = momentum, weight_decay
         meta_ids = {id(p) for p in objective.meta_parameters()}
         virtual = set(objective.virtual_parameter_prefixes())
@@ -159,10 +162,17 @@ class MetaPhase:
         """One meta phase: hypergradient, then the meta optimizer's step at `lr`. The networks are untouched."""
         if self.mode == "off" or self.meta_optimizer is None:
             return MetaResult(float("nan"), 0.0)
-        hyper, outer = self.hypergradient(x, y, contrast_idx, lr)
+        objective = self.joint.objective
+        gather, objective.gather = objective.gather, None
+        try:
+            hyper, outer = self.hypergradient(x, y, contrast_idx, lr)
+        finally:
+            objective.gather = gather
         params = dict(self.joint.named_parameters())
         for n, h in zip(self.meta_names, hyper):
             params[n].grad = h.detach()
+        if self.reduce_grads is not None:
+            self.reduce_grads([params[n] for n in self.meta_names])
         for group in self.meta_optimizer.param_groups:
             group["lr"] = lr
         self.meta_optimizer.step()

@@ -76,9 +76,10 @@ class TrainData:
     """Train and val batches for one run. `train_batches(epoch, skip)` resumes mid-epoch by skipping batches."""
 
     def __init__(self, cfg: TrainConfig, source: DataSource, device: torch.device, *, m_per_class: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, views: int = 1):
         self.cfg, self.source, self.device = cfg, source, device
         self.rank, self.world_size = rank, world_size
+        self.views = views  # > 1: one independently augmented view per member (KDCL, PCL); x is then a list
         self.m_per_class = m_per_class
         if cfg.batch_size % world_size:
             raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {world_size} processes")
@@ -104,7 +105,7 @@ class TrainData:
                              mean, std)
         else:
             self.train_set = ImageFolderDataset(source.root / "train", imagenet_train_transform(cfg.image_size),
-                                                aug_seed=cfg.seed)
+                                                aug_seed=cfg.seed, views=views)
             self.val_set = ImageFolderDataset(source.root / "val", imagenet_val_transform(cfg.image_size,
                                                                                           cfg.val_resize))
             if self.val_set.classes != self.train_set.classes:
@@ -138,7 +139,7 @@ class TrainData:
                       device_id=device.index if device.type == "cuda" else None, num_threads=cfg.dali_threads,
                       prefetch=cfg.dali_prefetch, hw_decoder_load=cfg.hw_decoder_load,
                       channels_last=cfg.channels_last, seed=cfg.seed)
-        self.dali_train = _dali.DaliIndexLoader(train, batch_size=self.local_batch, **common)
+        self.dali_train = _dali.DaliIndexLoader(train, batch_size=self.local_batch, views=self.views, **common)
         val_batch = max(self.local_batch, 64 if style == "imagenet" else 256)
         self.dali_val = _dali.DaliReaderLoader(val, batch_size=val_batch, resize=cfg.val_resize, train=False,
                                                shard_id=self.rank, num_shards=self.world_size, **common)
@@ -191,14 +192,20 @@ class TrainData:
             images, labels, _, _, mean, std = self.resident
             loader = DeviceBatchLoader(images, labels, batch_size=self.local_batch, sampler=indices, train=True,
                                        mean=mean, std=std, aug_seed=self.cfg.seed,
-                                       channels_last=self.cfg.channels_last)
+                                       channels_last=self.cfg.channels_last, views=self.views)
             loader.set_epoch(epoch)
             return loader
         if hasattr(self.train_set, "set_epoch"):
             self.train_set.set_epoch(epoch)
-        return build_dataloader(self.train_set, batch_size=self.local_batch, train=True, sampler=indices,
-                                num_workers=self.cfg.workers, seed=self.cfg.seed, rank=self.rank,
-                                pin_memory=self.device.type == "cuda")
+        loader = build_dataloader(self.train_set, batch_size=self.local_batch, train=True, sampler=indices,
+                                  num_workers=self.cfg.workers, seed=self.cfg.seed, rank=self.rank,
+                                  pin_memory=self.device.type == "cuda")
+        return loader if self.views == 1 else _as_views(loader, self.views)
+
+    @property
+    def val_sharded(self) -> bool:
+        """True when each rank sees only its shard of the val set (DALI's reader): sum the counts over ranks."""
+        return self.dali_val is not None
 
     def val_batches(self):
         """Validation batches; under DALI this rank's shard only (sum correct counts and totals over the ranks)."""
@@ -210,6 +217,13 @@ class TrainData:
                                      train=False, mean=mean, std=std, channels_last=self.cfg.channels_last)
         return build_dataloader(self.val_set, batch_size=max(self.local_batch, 64), train=False,
                                 num_workers=self.cfg.workers, seed=self.cfg.seed)
+
+
+def _as_views(loader, views: int):
+    """[B, V, C, H, W] from a multi-view dataset → a list of V [B, C, H, W] views; synthetic data (no augmentation)
+    repeats its one tensor."""
+    for x, y, index in loader:
+        yield (list(x.unbind(1)) if x.dim() == 5 else [x] * views), y, index
 
 
 def _decode_tree(root: Path, size: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

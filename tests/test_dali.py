@@ -29,6 +29,7 @@ from fastmcl.data import (IMAGENET_MEAN, IMAGENET_STD, DataError, DeviceBatchLoa
                           ShuffleSampler, imagenet_train_transform, imagenet_val_transform, load_rgb)
 from fastmcl.data.dali import (DaliIndexLoader, DaliReaderLoader, FileList, dali_available,  # noqa: E402
                                find_undecodable, resolve_dali_device)
+from fastmcl.data._keyhash import view_seed  # noqa: E402
 from fastmcl.pipeline import TrainData, detect_source  # noqa: E402
 from fastmcl.train import main  # noqa: E402
 
@@ -151,6 +152,73 @@ def test_index_loader_drops_partial_batch_and_survives_abandoned_epoch(tree):
     it.close()                                              # abandoned mid-epoch: stale prefetched batches dropped
     got = [i for _, _, idx in loader.epoch_batches(list(range(8)), 2) for i in idx.tolist()]
     assert got == list(range(8))
+
+
+# Per-member views (KDCL / PCL): views=V > 1 yields V independently augmented views, view v keyed by view_seed(seed, v)
+
+
+def _views_vs_single(files, views, **kw):
+    """Every batch of a views-V loader next to the V one-view loaders at the view seeds (2 epochs: keyed by epoch)."""
+    multi = DaliIndexLoader(files, views=views, **kw)
+    seed = kw.pop("seed")
+    singles = [DaliIndexLoader(files, seed=view_seed(seed, v), **kw) for v in range(views)]
+    order = list(np.random.RandomState(1).permutation(len(files)))
+    for epoch in (0, 3):
+        want = [list(s.epoch_batches(order, epoch)) for s in singles]
+        got = list(multi.epoch_batches(order, epoch))
+        assert len(got) == len(order) // kw["batch_size"] and all(len(w) == len(got) for w in want)
+        yield epoch, got, want
+
+
+@pytest.mark.parametrize("style,views,kw", [("cifar", 2, {}), ("cifar", 3, {"channels_last": True}),
+                                            ("imagenet", 2, {}), ("imagenet", 3, {"channels_last": True}),
+                                            ("imagenet", 2, {"roi_decode": False})],
+                         ids=["cifar-2", "cifar-3-HWC", "imagenet-2", "imagenet-3-HWC", "imagenet-2-full-decode"])
+def test_index_loader_views_equal_one_view_loaders_at_view_seeds(tree, small_tree, style, views, kw):
+    """View v of a views-V loader is bit-identical to a one-view loader with seed=view_seed(seed, v): same crop, same
+    flip, same pixels (imagenet: one full decode + an exact slice per view equals image_slice's ROI decode)."""
+    root, size = (small_tree, 32) if style == "cifar" else (tree, 24)
+    files = FileList.from_imagefolder(root / "train")
+    lo, hi = _bounds()
+    for epoch, got, want in _views_vs_single(files, views, batch_size=5, size=size, style=style, num_threads=2,
+                                             seed=7, **kw):
+        for step, (xs, y, index) in enumerate(got):
+            assert isinstance(xs, list) and len(xs) == views
+            for v, x in enumerate(xs):
+                wx, wy, windex = want[v][step]
+                assert torch.equal(index, windex) and torch.equal(y, wy) and torch.equal(y, files.labels[index])
+                assert x.shape == wx.shape == (5, 3, size, size) and x.dtype == torch.float32
+                assert x.stride() == wx.stride()                       # the same layout (channels_last or not)
+                assert torch.equal(x, wx), (epoch, step, v, float((x - wx).abs().max()))
+                if style == "imagenet":     # cifar normalises with the default ImageNet stats too, but pads zeros
+                    assert (x >= lo).all() and (x <= hi).all()
+        # the views are different augmentations of the same images
+        for a in range(views):
+            for b in range(a + 1, views):
+                assert all(not torch.equal(xs[a], xs[b]) for xs, _, _ in got)
+                assert float(torch.stack([(xs[a] - xs[b]).abs().mean() for xs, _, _ in got]).mean()) > 0.05
+
+
+def test_index_loader_views_one_is_a_plain_tensor(tree):
+    """views=1 (the default) keeps the one-tensor batches; view 0 of a multi-view loader is the plain loader's view."""
+    files = FileList.from_imagefolder(tree / "train")
+    assert view_seed(11, 0) == 11 and view_seed(11, 1) != 11
+    order = list(range(12))
+    plain = DaliIndexLoader(files, batch_size=4, size=16, num_threads=2, seed=11)
+    one = DaliIndexLoader(files, batch_size=4, size=16, num_threads=2, seed=11, views=1)
+    two = DaliIndexLoader(files, batch_size=4, size=16, num_threads=2, seed=11, views=2)
+    assert plain.views == one.views == 1 and two.views == 2 and two.view_seeds == (11, view_seed(11, 1))
+    for (x, y, i), (ox, oy, oi), (xs, ty, ti) in zip(plain.epoch_batches(order, 2), one.epoch_batches(order, 2),
+                                                     two.epoch_batches(order, 2), strict=True):
+        assert isinstance(x, torch.Tensor) and torch.equal(x, ox) and torch.equal(i, oi) and torch.equal(y, oy)
+        assert torch.equal(xs[0], x) and torch.equal(ti, i) and torch.equal(ty, y)
+
+
+@pytest.mark.parametrize("views", [0, -1, 1.5, True, "2", None])
+def test_index_loader_rejects_bad_views(tree, views):
+    with pytest.raises(DataError, match="views: expected an integer >= 1") as e:
+        DaliIndexLoader(tree / "train", batch_size=2, size=16, num_threads=1, views=views)
+    assert isinstance(e.value, ValueError)
 
 
 def test_file_list_with_index_label_column(tree, tmp_path):
@@ -500,6 +568,32 @@ def test_gpu_mixed_decoder_train_batches(tree, channels_last):
         assert torch.equal(index.cpu(), cindex) and torch.equal(y.cpu(), cy)
         # nvJPEG (GPU IDCT/upsampling) vs libjpeg-turbo: a few levels apart on average at most
         assert float((x.cpu() - cx).abs().mean()) < 3 * LEVEL
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("style", ["imagenet", "cifar"])
+def test_gpu_mixed_decoder_views(tree, small_tree, style):
+    """views=2 on the mixed decoder: one nvJPEG decode per image, two crop branches on the GPU. View v against a
+    one-view GPU loader at view_seed(seed, v) (imagenet: that one ROI-decodes the box with nvJPEG, the views crop a
+    full decode, so allow decoder-level differences) and against the CPU backend's views."""
+    root, size = (small_tree, 32) if style == "cifar" else (tree, 24)
+    files = FileList.from_imagefolder(root / "train")
+    common = dict(batch_size=5, size=size, style=style, num_threads=2)
+    multi = DaliIndexLoader(files, device="gpu", views=2, seed=5, **common)
+    cpu = DaliIndexLoader(files, device="cpu", views=2, seed=5, **common)
+    singles = [DaliIndexLoader(files, device="gpu", seed=view_seed(5, v), **common) for v in range(2)]
+    order = list(range(len(files)))
+    want = [list(s.epoch_batches(order, 1)) for s in singles]
+    for step, ((xs, y, index), (cxs, cy, cindex)) in enumerate(zip(multi.epoch_batches(order, 1),
+                                                                 cpu.epoch_batches(order, 1), strict=True)):
+        assert len(xs) == 2 and torch.equal(index.cpu(), cindex) and torch.equal(y.cpu(), cy)
+        for v in range(2):
+            wx, _, windex = want[v][step]
+            assert xs[v].is_cuda and xs[v].shape == (5, 3, size, size) and torch.equal(index, windex)
+            assert float((xs[v] - wx).abs().mean()) < LEVEL
+            assert float((xs[v].cpu() - cxs[v]).abs().mean()) < 3 * LEVEL
+        assert not torch.equal(xs[0], xs[1])
 
 
 @gpu

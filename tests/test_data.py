@@ -501,3 +501,45 @@ def test_device_batch_loader_split_invariant():
             assert torch.equal(u, v)
     x, y, idx = one[0]
     assert x.shape == (B, 3, 32, 32) and x.dtype == torch.float32 and torch.equal(y, labels[idx])
+
+
+def test_member_views_are_keyed_per_view():
+    """KDCL/PCL views: view v of a V-view loader == a 1-view loader seeded `view_seed(seed, v)`; view 0 == today's."""
+    from fastmcl.data._keyhash import view_seed
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(32) % 4
+
+    def loader(seed, views=1, train=True):
+        dl = D.DeviceBatchLoader(images, labels, batch_size=8, sampler=list(range(32)), train=train,
+                                 mean=D.CIFAR100_MEAN, std=D.CIFAR100_STD, aug_seed=seed, views=views)
+        dl.set_epoch(2)
+        return list(dl)
+
+    multi = loader(5, views=3)
+    assert isinstance(multi[0][0], list) and len(multi[0][0]) == 3
+    for v in range(3):
+        single = loader(view_seed(5, v))
+        for (xs, y, i), (x1, y1, i1) in zip(multi, single):
+            assert torch.equal(xs[v], x1) and torch.equal(y, y1) and torch.equal(i, i1)
+    assert view_seed(5, 0) == 5
+    assert not torch.equal(multi[0][0][0], multi[0][0][1])
+    assert torch.is_tensor(loader(5, views=3, train=False)[0][0])   # val batches have no views
+    with pytest.raises(DataError, match="views"):
+        D.DeviceBatchLoader(images, labels, batch_size=8, sampler=[0], train=True, mean=D.CIFAR100_MEAN,
+                            std=D.CIFAR100_STD, views=0)
+
+
+def test_imagefolder_views_decode_once(digits_tree):
+    from fastmcl.data._keyhash import view_seed
+    t = D.imagenet_train_transform(24)
+    multi = D.ImageFolderDataset(digits_tree / "train", t, aug_seed=3, views=2)
+    multi.set_epoch(1)
+    x, y, i = multi[7]
+    assert x.shape == (2, 3, 24, 24)
+    for v in range(2):
+        single = D.ImageFolderDataset(digits_tree / "train", t, aug_seed=view_seed(3, v))
+        single.set_epoch(1)
+        assert torch.equal(single[7][0], x[v])
+    with pytest.raises(DataError, match="views"):
+        D.ImageFolderDataset(digits_tree / "train", t, views=0)

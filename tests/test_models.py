@@ -333,3 +333,55 @@ def test_cohort_bad_inputs_raise():
         cohort([x, "not a tensor"])
     with pytest.raises(ValueError, match="i"):
         cohort.member_modules(2)
+
+
+# -- EMA copy (PCL temporal mean, spec/pcl_baselines.md §1.4) ---------------------------------------------------------
+def test_ema_update_rule_and_bn_policy():
+    from fastmcl.models.ema import EmaCohort, ema_alpha
+    torch.manual_seed(0)
+    cohort = build_cohort(["resnet32"] * 3, 5, shared_stem=True, trunk_stages=None).double()
+    ema = EmaCohort(cohort, alpha_max=0.999)
+    assert ema_alpha(0, 0.999) == 0.0 and ema_alpha(1, 0.999) == 0.5 and ema_alpha(10**6, 0.999) == 0.999
+    assert all(not p.requires_grad for p in ema.parameters())
+    # step 0: α = 0 → exact copy; then θ' = α θ' + (1 − α) θ for parameters AND BN running stats
+    with torch.no_grad():
+        for p in cohort.parameters():
+            p.add_(torch.randn_like(p))
+    cohort.train()(torch.randn(4, 3, 16, 16, dtype=torch.float64))   # move the student's BN running stats
+    ema.update(cohort, 0)
+    for (n, a), b in zip(ema.module.state_dict().items(), cohort.state_dict().values()):
+        assert torch.equal(a, b), n
+    before = {n: t.clone() for n, t in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in cohort.parameters():
+            p.add_(torch.randn_like(p))
+    cohort.train()(torch.randn(4, 3, 16, 16, dtype=torch.float64))
+    alpha = ema.update(cohort, 3)
+    assert alpha == 0.75
+    for (n, a), b in zip(ema.module.state_dict().items(), cohort.state_dict().values()):
+        want = b if not a.dtype.is_floating_point else alpha * before[n] + (1 - alpha) * b
+        assert torch.allclose(a, want, rtol=1e-12, atol=1e-12), n
+    # train-mode forwards of the copy (batch statistics) never move its running statistics
+    state = {n: t.clone() for n, t in ema.module.state_dict().items() if "running" in n}
+    with torch.no_grad():
+        ema.train()(torch.randn(4, 3, 16, 16, dtype=torch.float64))
+    for n, t in state.items():
+        assert torch.equal(ema.module.state_dict()[n], t), n
+    with pytest.raises(ValueError, match="alpha_max"):
+        EmaCohort(cohort, alpha_max=1.0)
+
+
+def test_trunk_output_and_grad_scale():
+    torch.manual_seed(0)
+    cohort = build_cohort(["resnet32"] * 3, 5, shared_stem=True, trunk_stages=None).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    outs = cohort(x)
+    assert cohort.trunk_dim == 32 and all(o.trunk.shape == (2, 32) for o in outs)
+    grads = []
+    for scale in (1.0, 1 / 3):
+        cohort.zero_grad()
+        cohort.trunk_grad_scale = scale
+        sum(o.logits[-1].sum() for o in cohort(x)).backward()
+        grads.append([p.grad.clone() for p in cohort.trunk.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(b, a / 3, rtol=1e-10, atol=1e-12)

@@ -26,9 +26,10 @@ class KeyedEpochMixin:
     def epoch(self) -> int:
         return int(self._epoch[0])
 
-    def _item_generator(self, index: int) -> torch.Generator | None:
+    def _item_generator(self, index: int, view: int = 0) -> torch.Generator | None:
+        """Keyed by (aug_seed, epoch, index); member view v > 0 (KDCL/PCL) uses the seed `view_seed(aug_seed, v)`."""
         if self.aug_seed is None:
             return None
         g = torch.Generator()
-        g.manual_seed(kh.item_seed(self.aug_seed, self.epoch, index))
+        g.manual_seed(kh.item_seed(kh.view_seed(self.aug_seed, view), self.epoch, index))
         return g

@@ -20,6 +20,13 @@ it), ``labels``/``dataset_index`` int64 ``[B]``. On the GPU backend everything l
     offsets of :func:`~fastmcl.data.transforms.crop_flip_params` — the same as the on-device ``DeviceBatchLoader``.
 
   Augmentation therefore does not depend on the number of processes or DALI threads.
+
+  ``views=V > 1`` (KDCL / PCL: every cohort member sees its own augmented view): ``x`` is a list of V tensors, view
+  ``v`` keyed exactly like a one-view loader whose seed is ``_keyhash.view_seed(seed, v)`` (view 0 keeps ``seed``).
+  The feed sends V sets of (crop, flip) with one copy of each file; the graph decodes every image ONCE and branches
+  into V crop/resize/flip/normalise chains (imagenet: full decode, then ``fn.slice`` of each box — bit-identical to
+  ``image_slice``'s ROI decode on the CPU backend — and resize; ``roi_decode=False``: ``fn.resize`` with each ROI;
+  cifar: one resize to S×S, then V pad-crops). ``views=1`` is unchanged.
 * :class:`DaliReaderLoader`: ``fn.readers.file`` over the file list (``files=`` paths, ``labels=`` the sample *index*;
   the class comes from a tensor lookup), sharded with ``shard_id``/``num_shards``/``pad_last_batch=True``.
   ``train=False`` (validation): files in order, ``stick_to_shard`` (a rank reads the same contiguous part every
@@ -423,7 +430,8 @@ class _LoaderBase:
 
 
 class _IndexFeed:
-    """The external source: per call, one batch of (encoded files, indices, keyed crop, flip) for the current epoch.
+    """The external source: per call, one batch of (encoded files, indices, then a keyed crop + flip per view) for
+    the current epoch.
 
     Batches handed to DALI are remembered in ``pending`` until the loader yields them: when DALI fails, those are
     the files it was decoding.
@@ -462,17 +470,25 @@ class DaliIndexLoader(_LoaderBase):
     ``files``: a :class:`FileList`, an ImageFolder root or a file-list path. ``style``: ``"imagenet"``
     (RandomResizedCrop(size, scale, ratio) + flip, keyed like ``imagenet_train_transform`` with ``aug_seed=seed``) or
     ``"cifar"`` (resize to size×size, zero-pad ``padding`` random crop + flip, keyed like ``DeviceBatchLoader``).
+
+    ``views``: independently augmented views per sample (default 1). With ``views=V > 1`` the batches are
+    ``([x_0, …, x_{V-1}], labels, index)``; ``x_v`` equals what a one-view loader with ``seed=view_seed(seed, v)``
+    yields. Each file is read and decoded once per sample; only the crop/resize/flip/normalise runs V times.
     """
 
     def __init__(self, files, *, batch_size: int, size: int = 224, style: str = "imagenet",
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, device: str = "cpu", device_id: int | None = None,
                  num_threads: int = 4, prefetch: int = 2, hw_decoder_load: float = 0.65,
                  channels_last: bool = False, seed: int = 0, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
-                 padding: int = 4, preallocate_hints: bool = True, roi_decode: bool = True) -> None:
+                 padding: int = 4, preallocate_hints: bool = True, roi_decode: bool = True, views: int = 1) -> None:
+        if isinstance(views, bool) or not isinstance(views, (int, np.integer)) or views < 1:
+            raise DataError(f"views: expected an integer >= 1 (augmented views per sample), got {views!r}")
         super().__init__(files, batch_size=batch_size, size=size, style=style, mean=mean, std=std, device=device,
                          device_id=device_id, num_threads=num_threads, prefetch=prefetch,
                          hw_decoder_load=hw_decoder_load, channels_last=channels_last, seed=seed,
                          preallocate_hints=preallocate_hints)
+        self.views = int(views)
+        self.view_seeds = tuple(kh.view_seed(self.seed, v) for v in range(self.views))   # view 0: self.seed
         self.scale = tuple(float(s) for s in scale)
         self.ratio = tuple(float(r) for r in ratio)
         self.padding = int(padding)
@@ -507,56 +523,83 @@ class DaliIndexLoader(_LoaderBase):
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"cannot decode image file {self._paths[i]}: {reason}") from None
 
-    def _make_batch(self, idx: np.ndarray, epoch: int):
+    def _make_batch(self, idx: np.ndarray, epoch: int) -> tuple:
+        """One external-source batch: ``(encoded files, index, *view_0 params, …, *view_{V-1} params)``; the files
+        are read (and, imagenet style, their headers parsed) once, the keyed crop + flip drawn once per view."""
         enc = [self._read(int(i)) for i in idx]
         index = idx.astype(np.int64)[:, None]
+        sizes = None if self.style == "cifar" else [self._image_size(int(i), data) for i, data in zip(idx, enc)]
+        out: list = [enc, index]
+        for seed in self.view_seeds:
+            out += self._view_params(idx, sizes, epoch, seed)
+        return tuple(out)
+
+    def _view_params(self, idx: np.ndarray, sizes, epoch: int, seed: int) -> list:
+        """The keyed crop + flip of one view (augmentation seed ``seed``): cifar ``[start (x, y), flip]``;
+        imagenet ``[(x, y) start, (w, h) shape, flip]`` (``roi_decode``) or ``[(y, x) ROI start, ROI end, flip]``."""
         if self.style == "cifar":
             dy, dx, flip = crop_flip_params(len(idx), self.padding, "cpu", index=torch.from_numpy(idx.astype(np.int64)),
-                                            seed=self.seed, epoch=epoch)
+                                            seed=seed, epoch=epoch)
             start = (torch.stack([dx, dy], 1) - self.padding).to(torch.int32).numpy()
-            return enc, index, start, flip.to(torch.int32).numpy()
+            return [start, flip.to(torch.int32).numpy()]
         box = np.empty((len(idx), 4), np.int32)                          # top, left, height, width
         flip = np.empty(len(idx), np.int32)
         g = torch.Generator()
-        for k, (i, data) in enumerate(zip(idx, enc)):
-            width, height = self._image_size(int(i), data)
-            g.manual_seed(kh.item_seed(self.seed, epoch, int(i)))
+        for k, (i, (width, height)) in enumerate(zip(idx, sizes)):
+            g.manual_seed(kh.item_seed(seed, epoch, int(i)))
             box[k] = RandomResizedCrop.get_params(width, height, self.scale, self.ratio, g)
             flip[k] = torch.rand(1, generator=g).item() < 0.5
-        if self.roi_decode:                                             # image_slice: (x, y) start, (w, h) shape
-            return enc, index, box[:, 1::-1].copy(), box[:, :1:-1].copy(), flip
+        if self.roi_decode:                                             # image_slice / slice: (x, y) start, (w, h)
+            return [box[:, 1::-1].copy(), box[:, :1:-1].copy(), flip]
         start = box[:, :2].astype(np.float32)                           # resize ROI: (y, x) start and end
-        return enc, index, start, start + box[:, 2:].astype(np.float32), flip
+        return [start, start + box[:, 2:].astype(np.float32), flip]
 
     # -- the graph ---------------------------------------------------------------------------------------------------
+    def _outputs(self) -> list[str]:
+        return ["data", "index"] if self.views == 1 else [f"data{v}" for v in range(self.views)] + ["index"]
+
     def _build(self):
-        S = self.size
+        S, V = self.size, self.views
         dec = _decoder_kwargs(self.device, self.hw_decoder_load, self.preallocate_hints)
         feed = self._feed
 
         @pipeline_def(**self._pipeline_kwargs(kh.seed64(self.seed, 0x0DA1)))
         def train_pipe():
+            # per view: cifar (start, flip); imagenet (a, b, flip) — see _view_params
+            per_view = [types.INT32, types.INT32] if self.style == "cifar" else \
+                [types.INT32 if self.roi_decode else types.FLOAT] * 2 + [types.INT32]
+            enc, index, *params = fn.external_source(source=feed, num_outputs=2 + V * len(per_view),
+                                                     dtype=[types.UINT8, types.INT64] + per_view * V)
+            views = [params[v * len(per_view):(v + 1) * len(per_view)] for v in range(V)]
+            imgs = []
             if self.style == "cifar":
-                enc, index, start, flip = fn.external_source(
-                    source=feed, num_outputs=4, dtype=[types.UINT8, types.INT64, types.INT32, types.INT32])
                 img = fn.decoders.image(enc, **dec)
+                img = fn.resize(img, resize_x=S, resize_y=S, antialias=True)     # view-independent: done once
+                for start, flip in views:
+                    crop = fn.slice(img, start=start, shape=[S, S], axis_names="WH", out_of_bounds_policy="pad",
+                                    fill_values=0)
+                    imgs.append(_normalize(crop, self.mean, self.std, self.layout, mirror=flip))
+            elif self.roi_decode and V == 1:    # decode only the box (NVIDIA's ResNet-50 recipe), then resize it
+                a, b, flip = views[0]
+                img = fn.decoders.image_slice(enc, start=a, shape=b, axis_names="WH", **dec)
                 img = fn.resize(img, resize_x=S, resize_y=S, antialias=True)
-                img = fn.slice(img, start=start, shape=[S, S], axis_names="WH", out_of_bounds_policy="pad",
-                               fill_values=0)
+                imgs.append(_normalize(img, self.mean, self.std, self.layout, mirror=flip))
             else:
-                box_type = types.INT32 if self.roi_decode else types.FLOAT
-                enc, index, a, b, flip = fn.external_source(
-                    source=feed, num_outputs=5, dtype=[types.UINT8, types.INT64, box_type, box_type, types.INT32])
-                if self.roi_decode:     # decode only the box (NVIDIA's ResNet-50 recipe), then resize it
-                    img = fn.decoders.image_slice(enc, start=a, shape=b, axis_names="WH", **dec)
-                    img = fn.resize(img, resize_x=S, resize_y=S, antialias=True)
-                else:                   # decode all, crop + resize in one op (PIL's resize(box=...))
-                    img = fn.decoders.image(enc, **dec)
-                    img = fn.resize(img, size=[S, S], roi_start=a, roi_end=b, roi_relative=False, antialias=True)
-            img = _normalize(img, self.mean, self.std, self.layout, mirror=flip)
+                # decode the whole image once; every view crops its own box from it. roi_decode: an exact slice
+                # (the pixels image_slice's ROI decode gives) then resize; else crop + resize in one op (PIL's
+                # resize(box=...)).
+                full = fn.decoders.image(enc, **dec)
+                for a, b, flip in views:
+                    if self.roi_decode:
+                        img = fn.slice(full, start=a, shape=b, axis_names="WH")
+                        img = fn.resize(img, resize_x=S, resize_y=S, antialias=True)
+                    else:
+                        img = fn.resize(full, size=[S, S], roi_start=a, roi_end=b, roi_relative=False,
+                                        antialias=True)
+                    imgs.append(_normalize(img, self.mean, self.std, self.layout, mirror=flip))
             if self.device == "gpu":
                 index = index.gpu()
-            return img, index
+            return (*imgs, index)
 
         pipe = train_pipe()
         pipe.build()
@@ -565,9 +608,17 @@ class DaliIndexLoader(_LoaderBase):
     def __len__(self) -> int:
         return len(self._feed.batches)
 
+    def _batch(self, out: dict):
+        if self.views == 1:
+            return super()._batch(out)
+        xs = [_to_nchw(out[f"data{v}"], self.channels_last) for v in range(self.views)]
+        index = out["index"].view(-1).to(self.torch_device, torch.long, non_blocking=True)
+        return xs, self.labels[index], index
+
     def epoch_batches(self, indices: Sequence[int] | torch.Tensor | np.ndarray, epoch: int = 0
-                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield the batches of one epoch (``indices``: this rank's dataset indices in order)."""
+                      ) -> Iterator[tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, torch.Tensor]]:
+        """Yield the batches of one epoch (``indices``: this rank's dataset indices in order). ``x`` is one tensor,
+        or with ``views > 1`` a list of ``views`` tensors (view v keyed by ``view_seed(seed, v)``)."""
         idx = np.asarray(indices.tolist() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
         if idx.ndim != 1:
             raise DataError("indices: expected a 1-D sequence of dataset indices")
@@ -588,7 +639,7 @@ class DaliIndexLoader(_LoaderBase):
         try:
             if self._pipe is None:
                 self._pipe = self._build()
-                self._iter = DALIGenericIterator(self._pipe, ["data", "index"], auto_reset=False,
+                self._iter = DALIGenericIterator(self._pipe, self._outputs(), auto_reset=False,
                                                  last_batch_policy=LastBatchPolicy.DROP, prepare_first_batch=False)
             else:
                 self._iter.reset()

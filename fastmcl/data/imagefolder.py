@@ -85,7 +85,11 @@ class ImageFolderDataset(KeyedEpochMixin, torch.utils.data.Dataset):
     loaded, an unreadable/corrupt image (named).
     """
 
-    def __init__(self, root: str | Path, transform: Callable | None = None, *, aug_seed: int | None = None) -> None:
+    def __init__(self, root: str | Path, transform: Callable | None = None, *, aug_seed: int | None = None,
+                 views: int = 1) -> None:
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise DataError(f"views: expected an integer >= 1, got {views!r}")
+        self.views = views
         self.root = Path(root)
         self.classes = find_classes(self.root)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
@@ -115,9 +119,13 @@ class ImageFolderDataset(KeyedEpochMixin, torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self.samples)} images in {self.root}")
         path, label = self.samples[index]
         img = load_rgb(path)
-        g = self._item_generator(index)
-        x = self.transform(img, generator=g) if g is not None else self.transform(img)
-        return x, label, index
+        if self.views > 1:  # decode once, augment once per member view: x is [views, C, H, W]
+            return torch.stack([self._transform(img, index, v) for v in range(self.views)]), label, index
+        return self._transform(img, index, 0), label, index
+
+    def _transform(self, img, index: int, view: int):
+        g = self._item_generator(index, view)
+        return self.transform(img, generator=g) if g is not None else self.transform(img)
 
     def __repr__(self) -> str:
         return f"ImageFolderDataset(root={str(self.root)!r}, classes={len(self.classes)}, images={len(self)})"

@@ -68,7 +68,8 @@ class DeviceBatchLoader:
 
     Each batch: indices from ``sampler`` (chunks of ``batch_size``; a ``ShardedSampler`` under DDP) -> gather images
     and labels -> (train) zero-pad-4 random crop + flip keyed by (aug_seed, epoch, dataset index) -> normalise to
-    ``dtype`` (optionally channels_last). Yields ``(x, labels, index)`` with ``index`` a LongTensor on the device.
+    ``dtype`` (optionally channels_last). Yields ``(x, labels, index)`` with ``index`` a LongTensor on the device;
+    with ``views`` = V > 1 (train only) ``x`` is a list of V independently augmented views (KDCL/PCL members).
     The crops/flips equal those of ``TensorImageDataset(..., aug_seed=aug_seed)`` for the same epoch.
     ``set_epoch`` selects the epoch and forwards to the sampler.
     """
@@ -76,7 +77,7 @@ class DeviceBatchLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, sampler: Sampler | Sequence,
                  train: bool, mean: Sequence[float], std: Sequence[float], aug_seed: int = 0,
                  drop_last: bool | None = None, padding: int = 4, dtype: torch.dtype = torch.float32,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, views: int = 1) -> None:
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
             raise DataError("images: expected a uint8 tensor [N, C, H, W]")
         if images.shape[1] not in (1, 3) and images.shape[-1] in (1, 3):
@@ -86,6 +87,9 @@ class DeviceBatchLoader:
             raise DataError(f"labels: expected {images.shape[0]} labels, got shape {tuple(labels.shape)}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise DataError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise DataError(f"views: expected an integer >= 1, got {views!r}")
+        self.views = views
         self.images = images
         self.labels = labels.to(images.device, torch.long)
         self.batch_size = batch_size
@@ -116,10 +120,17 @@ class DeviceBatchLoader:
         all_idx = all_idx.to(self.images.device)
         for lo in range(0, stop, self.batch_size):
             idx = all_idx[lo:lo + self.batch_size]
-            x = self.images[idx]
-            if self.train:
-                x = cifar_augment(x, index=idx, seed=self.aug_seed, epoch=self.epoch, padding=self.padding)
-            x = normalize(x, self.mean, self.std, dtype=self.dtype)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx], idx
+            raw = self.images[idx]
+            xs = [self._prepare(raw, idx, v) for v in range(self.views if self.train else 1)]
+            yield (xs[0] if len(xs) == 1 else xs), self.labels[idx], idx
+
+    def _prepare(self, raw: torch.Tensor, idx: torch.Tensor, view: int) -> torch.Tensor:
+        """Augment (member view `view`: keyed by `view_seed(aug_seed, view)`) and normalise one batch."""
+        x = raw
+        if self.train:
+            x = cifar_augment(x, index=idx, seed=kh.view_seed(self.aug_seed, view), epoch=self.epoch,
+                              padding=self.padding)
+        x = normalize(x, self.mean, self.std, dtype=self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x

@@ -23,6 +23,13 @@ class ContrastiveObjective(Objective):
     def contrast(self, emb: list[Tensor], labels: Tensor, contrast_idx: Tensor | None,
                  weights: Tensor | None = None, student_out: list | None = None) -> dict[str, Tensor]:
         """α·VCL, γ·soft VCL, β·ICL, λ·soft ICL of the plan over the flat embeddings `emb`."""
+        if self.memory is None and self.gather is not None:
+            # DDP: in-batch negatives span the global batch. Every rank computes the same global loss; the gather's
+            # backward sums the ranks' gradients and DDP averages them, which gives the 1-process gradient.
+            emb = [self.gather(e) for e in emb]
+            labels = self.gather(labels)
+            if weights is not None:
+                weights = self.gather(weights.t().contiguous()).t()
         if self.memory is None:
             c = cohort_contrastive_terms(emb, labels, self.plan, weights=weights, tau=self.w.tau, kd_T=self.w.kd_T,
                                          backend=self.backend, student_out=student_out)
@@ -36,5 +43,7 @@ class ContrastiveObjective(Objective):
     def after_step(self, out: StepOutput, index: Tensor | None) -> None:
         """The banks store each network's final-stage embedding (spec §1.3)."""
         if self.memory is not None:
+            if self.gather is not None:       # DDP: every rank's bank takes the whole global batch
+                index = self.gather(index)
             for i, e in enumerate(out.state["final_embeddings"]):
-                self.memory.update(i, index, e)
+                self.memory.update(i, index, e if self.gather is None else self.gather(e.detach()))

@@ -47,7 +47,9 @@ with tensors of the same shape (see each function).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import types
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable, Optional, Union
@@ -55,7 +57,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
     "DistEnv",
@@ -551,3 +553,20 @@ def convert_sync_batchnorm(module: nn.Module, device: Union[str, torch.device]) 
         if new_child is not child:
             setattr(module, name, new_child)
     return module
+
+
+@contextlib.contextmanager
+def local_batchnorm(module: nn.Module):
+    """Inside: every synchronised BN of `module` (torch's SyncBatchNorm or SyncBatchNorm2d) normalises with this
+    rank's batch only, as plain BatchNorm. The L-MCL meta phase runs per rank and differentiates twice; neither
+    sync-BN autograd function supports double backward, and the ranks' phases need no collectives inside it."""
+    swapped = []
+    for m in module.modules():
+        if isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm2d)):
+            m.forward = types.MethodType(_BatchNorm.forward, m)
+            swapped.append(m)
+    try:
+        yield module
+    finally:
+        for m in swapped:
+            del m.forward

@@ -231,7 +231,7 @@ class Trainer:
         terms = {"loss": loss, **out.terms}
         # spec §2.4: after the regular update, on the same batch, when batch_idx % meta_freq == 0
         if self.meta is not None and self.step_in_epoch % self.cfg.meta_freq == 0:
-            with self.meta_autocast:
+            with self.meta_autocast, dist.local_batchnorm(self.cohort):
                 result = self.meta.step(x, y, contrast_idx, lr if lr is not None else self.optimizer.param_groups[0]["lr"])
             terms["meta_outer"] = torch.tensor(result.outer_loss)
         return terms

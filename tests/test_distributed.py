@@ -91,9 +91,9 @@ def _slices(sizes):
 def _run_bn(bn: nn.Module, case: str, rank: int | None):
     """2 training steps + 1 eval step.  rank None: full batch, single process.
 
-    Per-rank loss = local mean of (y * gy) (the DDP convention: the global
-    loss is the mean over ranks of per-rank means, equal batches assumed in
-    the reference normalisation below).
+    Loss: global L = sum(y * gy) / n; rank r uses L_r = W * sum(y_r * gy_r) / n
+    so that mean_r L_r = L (what DDP's gradient averaging assumes), also for
+    uneven per-rank batch sizes.
     """
     momentum, affine, cl, sizes = BN_CASES[case]
     n = sum(sizes)
@@ -111,9 +111,6 @@ def _run_bn(bn: nn.Module, case: str, rank: int | None):
             bn.weight.grad = None
             bn.bias.grad = None
         y = bn(x)
-        # loss whose per-rank pieces add up to the global loss / W-average:
-        # global L = sum(y*gy) / n ; rank r uses  L_r = W * sum(y_r*gy_r) / n
-        # so that mean_r L_r = L (what DDP's averaging assumes).
         scale = (WORLD if rank is not None else 1) / n
         (scale * (y * gy).sum()).backward()
         res["steps"].append(

@@ -53,7 +53,7 @@ def min_logit(logits: list[Tensor], labels: Tensor) -> Tensor:
     """KDCL-MinLogit: shift each member's logits so its ground-truth entry is 0 (z_k − z_k[y]), then take the
     element-wise min over members. The result is a parameter-free, detached teacher whose gt entry is 0."""
     with torch.no_grad():
-        z = torch.stack(logits)                                     # [m, B, C]
+        z = torch.stack(logits).to(compute_dtype(logits[0]))       # [m, B, C], fp32 under autocast
         gt = z.gather(2, labels.long().view(1, -1, 1).expand(z.shape[0], -1, 1))
         return (z - gt).min(0).values
 
@@ -103,5 +103,4 @@ class ConcatClassifier(nn.Module):
         self.fc = nn.Linear(sum(feature_dims), num_classes)
 
     def forward(self, features: list[Tensor]) -> Tensor:
-        x = torch.cat(features, 1)
-        return fp32(self.fc, x.to(compute_dtype(x)))
+        return fp32(self.fc, torch.cat(features, 1))

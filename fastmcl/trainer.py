@@ -89,9 +89,9 @@ def batch_size_of(x) -> int:
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume_state: dict | None = None):
         source = detect_source(cfg)
-        needs = method_needs(cfg.method)
         self.cfg = cfg = cfg.resolve(cifar_style=source.cifar_style, demo=source.demo,
-                                     default_members=needs.default_members)
+                                     default_members=method_needs(cfg.method).default_members)
+        needs = method_needs(cfg.method, memory_bank=bool(cfg.memory_bank))
         self.dist, self.device = dist.init_distributed(cfg.device)
         torch.manual_seed(cfg.seed)
         if cfg.deterministic:
@@ -209,9 +209,9 @@ class Trainer:
             self.ema.train()
         contrast_idx = self.negatives(index, self.step) if self.negatives is not None else None
         out = self._forward(x, y, contrast_idx)
-        loss_t = out.loss.detach().float()
+        loss_t = out.loss.detach()
         if self.dist.enabled:     # log the global loss; one all-reduce also carries a stop request to every rank
-            packed = torch.stack([loss_t, torch.tensor(float(self._stop_signal is not None), device=loss_t.device)])
+            packed = torch.stack([loss_t, loss_t.new_tensor(float(self._stop_signal is not None))])
             dist.all_reduce_sum(packed)
             loss_t, stop = packed[0] / self.dist.world_size, packed[1]
             if stop.item() > 0 and self._stop_signal is None:

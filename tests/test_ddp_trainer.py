@@ -2,8 +2,11 @@
 
 With --sync-bn the BatchNorm statistics span the global batch, in-batch contrast gathers the embeddings of every
 rank with gradient, the memory banks take the all-gathered (index, embedding) pairs, and the logged loss is the
-global mean: the first steps' losses agree to ≤ 1e-4 relative. The meta phase is off here: under DDP it unrolls on
-each rank's slice and averages the hypergradients, which is not the global-batch hypergradient.
+global mean: the first steps' losses agree to ≤ 1e-4 relative (measured: ≤ 1e-12 in fp64). The runs are in fp64
+(default dtype set by a two-line driver) because in fp32 the two reduction orders differ by ~1e-7 per step and
+this tiny synthetic cohort's near-dead BN channels amplify that to ~1e-4 by step 3 — a conditioning effect, not a
+difference in the maths. The meta phase is off here: under DDP it unrolls on each rank's slice and averages the
+hypergradients, which is not the global-batch hypergradient.
 """
 import json
 import os
@@ -17,7 +20,9 @@ import pytest
 
 TINY = ["--data", "synthetic", "--synthetic-samples", "64", "--num-classes", "4", "--batch-size", "16",
         "--image-size", "16", "--workers", "0", "--m-per-class", "4", "--no-progress", "--deterministic",
-        "--log-every", "1", "--max-steps", "3", "--meta-mode", "off", "--sync-bn", "--neg-k", "20"]
+        "--log-every", "1", "--max-steps", "3", "--meta-mode", "off", "--sync-bn", "--neg-k", "20",
+        "--lr", "0.01"]  # a gentle lr: at 0.1 this tiny synthetic run diverges
+DRIVER = "import sys, torch\ntorch.set_default_dtype(torch.float64)\nfrom fastmcl.train import main\nsys.exit(main())\n"
 
 
 def _free_port() -> int:
@@ -44,13 +49,15 @@ def _run(cmd, tmp_path, name):
 def test_two_gloo_processes_match_one(tmp_path, setting):
     extra = ["--method", "lmcl", "--no-memory-bank" if setting == "in-batch" else "--memory-bank"]
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, "-m", "fastmcl.train", *TINY, *extra, "--out", str(one)], tmp_path, "1 process")
+    driver = tmp_path / "train_fp64.py"
+    driver.write_text(DRIVER)
+    _run([sys.executable, str(driver), *TINY, *extra, "--out", str(one)], tmp_path, "1 process")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                 "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-    _run([*torchrun, "-m", "fastmcl.train", *TINY, *extra, "--out", str(two)], tmp_path, "torchrun 2 processes")
+    _run([*torchrun, str(driver), *TINY, *extra, "--out", str(two)], tmp_path, "torchrun 2 processes")
     a, b = _losses(one), _losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
-        assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
+        assert abs(a[step] - b[step]) <= 1e-10 * abs(a[step]), (step, a[step], b[step])
     # rank 0 alone writes the run directory; every rank ends at the same step
     assert (two / "checkpoints" / "last.pt").is_file()

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -150,6 +151,8 @@ class Trainer:
         self.meta_autocast = nullcontext() if cfg.amp == "fp16" else self.autocast
         self._forward = self._forward_eager
         if cfg.compile:
+            # the plans' index tables are lru_cached pure functions of frozen plans: tracing through is safe
+            warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
             self._forward = torch.compile(self._forward_eager, mode=None if cfg.compile_mode == "default"
                                           else cfg.compile_mode, backend=cfg.compile_backend)
         self.out = Path(cfg.out)

@@ -45,6 +45,26 @@ def _plan_indices(plan: ContrastPlan, device: torch.device) -> dict[str, Tensor]
     }
 
 
+@functools.lru_cache(maxsize=64)
+def _bank_groups(plan: ContrastPlan, device: torch.device) -> tuple:
+    """The bank path's static partition of the plan, on the host: per (view, drop, n_pos) setting, the ce rows it owns
+    (`sel`), their distinct (embedding, bank) blocks (`u·n + m`) and each row's block (`inverse`), and the kl rows it
+    owns. Precomputed so a compiled step has no data-dependent `nonzero`/`unique` (no graph break)."""
+    n = max(plan.net_of) + 1
+
+    def t(values):
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    groups = []
+    for view in (True, False):
+        ce_sel = [i for i, b in enumerate(plan.ce_blocks) if plan.is_view_block(b) == view]
+        keys = [plan.ce_blocks[i][0] * n + plan.net_of[plan.ce_blocks[i][1]] for i in ce_sel]
+        blocks = sorted(set(keys))
+        kl_sel = [i for i, (s, _) in enumerate(plan.kl_blocks) if plan.is_view_block(s) == view]
+        groups.append((view, t(ce_sel), t(blocks), t([blocks.index(k) for k in keys]), t(kl_sel)))
+    return tuple(groups)
+
+
 def _combine(ce_rows: Tensor, kl_rows_: Tensor, ix: dict[str, Tensor], weights: Tensor | None,
              kd_T: float) -> ContrastiveTerms:
     """Σ over entries of (1/B) Σ_b w[row, b] · stat[block, b], into the four terms; soft terms × T²."""
@@ -156,7 +176,8 @@ def cohort_bank_contrastive_terms(embeddings: list[Tensor], banks: list[Tensor],
     args = (E, banks.detach(), idx.long(), ix["ce_u"], net_of[ix["ce_v"]], ix["ce_is_view"], ix["kl_su"],
             net_of[ix["kl_sv"]], ix["kl_tu"], net_of[ix["kl_tv"]], ix["kl_is_view"], tau, kd_T, pos_k)
     if use == "reference":
-        ce, kl = bank_rows_reference(*args, k_chunk=k_chunk, student_out=student_out)
+        ce, kl = bank_rows_reference(*args, k_chunk=k_chunk, student_out=student_out,
+                                     groups=_bank_groups(plan, E.device))
     else:
         _no_split(student_out)
         ce, kl = _kernels().bank_rows(*args)
@@ -166,13 +187,14 @@ def cohort_bank_contrastive_terms(embeddings: list[Tensor], banks: list[Tensor],
 def bank_rows_reference(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_m: Tensor, ce_view: Tensor,
                         kl_su: Tensor, kl_sm: Tensor, kl_tu: Tensor, kl_tm: Tensor, kl_view: Tensor, tau: float,
                         kd_T: float, pos_k: int, *, k_chunk: int | None = None,
-                        student_out: list | None = None) -> tuple[Tensor, Tensor]:
+                        student_out: list | None = None, groups: tuple | None = None) -> tuple[Tensor, Tensor]:
     """Per-row statistics of the distinct bank blocks: the contract every memory-bank kernel implements.
 
     E [NE, B, D]; banks [n, N, D] (never differentiated); idx [B, K]. Block (u, m) has logits e_u · banks[m][idx]ᵀ/τ.
     A view block (VCL) drops column 0 and has pos_k leading positives; a cross block (ICL) keeps all K columns with
     1 + pos_k leading positives. Returns ce [Nc, B] (rows of blocks (ce_u, ce_m)) and kl [Nk, B] (KL rows at T of
     student (kl_su, kl_sm) vs detached teacher (kl_tu, kl_tm); both sides share the view flag).
+    `groups`: the plan's partition into view / cross rows precomputed (`_bank_groups`); None derives it here.
     """
     B = E.shape[1]
     # L[u, m] = e_u · Mem_m[idx]ᵀ / τ: depends on the contrast side only through the bank (spec §4.2).
@@ -183,18 +205,24 @@ def bank_rows_reference(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_
     # (activation checkpointing), so only L and its gradient stay alive: the [blocks, B, K] softmax temporaries
     # would otherwise dominate the memory of the streamed path. The meta phase (student_out) differentiates twice and
     # takes the plain path.
-    recompute = student_out is None and torch.is_grad_enabled() and L.requires_grad
+    # (Under torch.compile the compiler plans the memory itself: no checkpoint regions there.)
+    recompute = (student_out is None and torch.is_grad_enabled() and L.requires_grad
+                 and not torch.compiler.is_compiling())
     ce = L.new_empty(ce_u.shape[0], B)
     kl = L.new_empty(kl_su.shape[0], B)
-    for view, drop, n_pos in ((True, 1, pos_k), (False, 0, 1 + pos_k)):
-        sel = (ce_view == view).nonzero().flatten()
+    if groups is None:
+        groups = []
+        for view in (True, False):
+            sel = (ce_view == view).nonzero().flatten()
+            blocks, inverse = torch.unique(ce_u[sel] * n + ce_m[sel], return_inverse=True)
+            groups.append((view, sel, blocks, inverse, (kl_view == view).nonzero().flatten()))
+    for (view, sel, blocks, inverse, kl_sel), (drop, n_pos) in zip(groups, ((1, pos_k), (0, 1 + pos_k))):
         if sel.numel():
             # each distinct (embedding, bank) block once: plan blocks (u, v) share the bank m = net(v) (spec §4.2)
-            blocks, inverse = torch.unique(ce_u[sel] * n + ce_m[sel], return_inverse=True)
             rows = _chunked(lambda Ls, b, drop=drop, n_pos=n_pos:  # bound now: backward recomputes later
                             leading_positive_rows(Ls[b // n, b % n, :, drop:], n_pos), (L_s,), (blocks,), recompute)
             ce = ce.index_copy(0, sel, rows[inverse])
-        sel = (kl_view == view).nonzero().flatten()
+        sel = kl_sel
         if sel.numel():
             rows = _chunked(lambda Ls, Lt, su, sm, tu, tm, drop=drop:
                             kl_rows(Ls[su, sm, :, drop:], Lt[tu, tm, :, drop:], kd_T, detach_teacher=student_out is None),

@@ -33,8 +33,10 @@ test: $(STAMP)
 	$(PYTEST) -q -m "not interpreter" tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 	TRITON_INTERPRET=1 $(PYTEST) -q -m interpreter tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 
+# All benchmarks (minutes to an hour on a CPU), or one: make bench BENCH=benchmarks/bench_throughput.py
+BENCH ?= benchmarks
 bench: $(STAMP)
-	$(PYTEST) benchmarks --benchmark-only --benchmark-json=benchmarks/results.json -s
+	$(PYTEST) $(BENCH) --benchmark-json=benchmarks/results.json -s
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -515,22 +515,11 @@ def test_cli_rejects_bad_dali_flags(tmp_path, capsys, flag, value, match):
 def test_trainer_dali_cpu_end_to_end_with_exact_resume(small_tree, tmp_path):
     """`--dali --dali-device cpu` on a small ImageFolder (CIFAR-style route, in-batch MCL with m per class):
     4 steps straight == 2 steps + resume mid-epoch + 2 steps (the DALI feed restarts at `_epoch_indices(0, 2)`)."""
-    import json
+    from run_checks import assert_resume_is_exact
     base = ["--data", str(small_tree), "--dali", "--dali-device", "cpu", "--dali-threads", "2", "--batch-size", "8",
             "--m-per-class", "2", "--image-size", "16", "--method", "mcl", "--no-memory-bank", "--epochs", "2",
             "--no-progress", "--deterministic", "--log-every", "1"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert main(base + ["--out", str(full), "--max-steps", "4"]) == 0    # 32 images / 8: one epoch
-    assert main(base + ["--out", str(part), "--max-steps", "2"]) == 0
-    assert main(["--resume", str(part), "--max-steps", "4", "--no-progress"]) == 0
-
-    def losses(run):
-        return {e["step"]: e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                if e["event"] == "train"}
-    want, got = losses(full), losses(part)
-    assert sorted(want) == sorted(got) == [1, 2, 3, 4]
-    for step in want:
-        assert abs(got[step] - want[step]) <= 1e-6 * max(1.0, abs(want[step])), (step, got, want)
+    full = assert_resume_is_exact(base, tmp_path)                       # 32 images / 8: one epoch
     assert (full / "checkpoints" / "last.pt").exists()
 
 

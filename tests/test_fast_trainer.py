@@ -11,8 +11,8 @@ from torch._dynamo.utils import counters
 from fastmcl.checkpoint import load_checkpoint
 from fastmcl.config import TrainConfig
 from fastmcl.methods import METHODS
-from fastmcl.train import main
 from fastmcl.trainer import Trainer
+from run_checks import assert_resume_is_exact
 
 TINY = dict(data="synthetic", num_classes=4, synthetic_samples=64, image_size=16, batch_size=16, m_per_class=4,
             workers=0, progress=False, neg_k=20, meta_mode="off", deterministic=True)
@@ -79,18 +79,7 @@ def test_every_method_trains_and_resumes_exactly(tmp_path, method):
     args = ["--data", "synthetic", "--synthetic-samples", "48", "--num-classes", "4", "--batch-size", "16",
             "--image-size", "16", "--workers", "0", "--m-per-class", "4", "--no-progress", "--deterministic",
             "--log-every", "1", "--epochs", "3", "--method", method]
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert main(args + ["--out", str(full), "--max-steps", "4"]) == 0
-    assert main(args + ["--out", str(part), "--max-steps", "2"]) == 0
-    assert main(["--resume", str(part), "--max-steps", "4", "--no-progress"]) == 0
-
-    def losses(run):
-        return {e["step"]: e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                if e["event"] == "train"}
-    want, got = losses(full), losses(part)
-    assert sorted(want) == sorted(got) == [1, 2, 3, 4]
-    for s in want:
-        assert abs(want[s] - got[s]) <= 1e-6 * max(1.0, abs(want[s])), (s, want[s], got[s])
+    full = assert_resume_is_exact(args, tmp_path)
     state = load_checkpoint(full / "checkpoints" / "last.pt")
     evals = [e for e in map(json.loads, (full / "metrics.jsonl").read_text().splitlines()) if e["event"] == "eval"]
     names = {e["member"] for e in evals}

@@ -27,6 +27,7 @@ import torch
 
 from fastmcl.config import TrainConfig
 from fastmcl.losses import cross_entropy
+from fastmcl.meta import MetaPhase
 from fastmcl.trainer import Trainer
 
 ROUNDS = int(os.environ.get("FASTMCL_BENCH_ROUNDS", "3"))
@@ -119,11 +120,17 @@ def test_throughput(benchmark, tmp_path, case, speed):
 
     contrast_idx = trainer.negatives(index, 0) if trainer.negatives is not None else None
 
-    def meta_phase():
+    def meta_phase(meta):
         with trainer.meta_autocast:
-            trainer.meta.step(x, y, contrast_idx, lr=0.1)
-    meta_phase()                                         # warm-up
-    meta_s = _median(meta_phase, max(1, ROUNDS - 1))
+            meta.step(x, y, contrast_idx, lr=0.1)
+
+    first_order = MetaPhase(trainer.cohort, trainer.objective, trainer.meta_optimizer, inner_steps=cfg.meta_inner,
+                            mode="first-order", momentum=cfg.momentum, weight_decay=trainer.cfg.weight_decay)
+    meta_s, meta_fo_s = [], []
+    for meta, times in ((trainer.meta, meta_s), (first_order, meta_fo_s)):
+        meta_phase(meta)                                 # warm-up
+        times.append(_median(lambda: meta_phase(meta), max(1, ROUNDS - 1)))
+    meta_s, meta_fo_s = meta_s[0], meta_fo_s[0]
     freq = trainer.cfg.meta_freq
     amortised = step_s + meta_s / freq
     row = {"case": case, "config": speed, "batch": B, "image_size": cfg.image_size, "meta_freq": freq,
@@ -131,6 +138,8 @@ def test_throughput(benchmark, tmp_path, case, speed):
            "meta_in_regular_steps": round(meta_s / step_s, 2),
            "amortised_iter_s": round(amortised, 4), "amortised_vs_backbone": round(amortised / backbone_s, 3),
            "amortised_vs_backbone_meta50": round((step_s + meta_s / 50) / backbone_s, 3),
+           "meta_first_order_s": round(meta_fo_s, 3), "meta_first_order_in_regular_steps": round(meta_fo_s / step_s, 2),
+           "amortised_first_order_vs_backbone": round((step_s + meta_fo_s / freq) / backbone_s, 3),
            "backbone_img_s": round(B / backbone_s, 1), "lmcl_amortised_img_s": round(B / amortised, 1),
            "optimizer": trainer.optimizer_name, "machine": _machine(), "torch": torch.__version__,
            "threads": torch.get_num_threads()}
@@ -147,12 +156,14 @@ def _write_table() -> None:
     latest = {}
     for r in rows:                                       # the newest measurement of each (case, config)
         latest[(r["case"], r["config"])] = r
-    lines = ["| case | config | backbone img/s | L-MCL step s | meta phase (regular steps) | amortised img/s | "
-             "amortised / backbone |", "|---|---|---|---|---|---|---|"]
+    lines = ["| case | config | backbone step s (img/s) | L-MCL step s | meta phase s, 2nd order (regular steps) | "
+             "amortised img/s | amortised / backbone | meta 1st order s (steps) | amortised / backbone, 1st order |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in latest.values():
-        lines.append(f"| {r['case']} B={r['batch']} | {r['config']} | {r['backbone_img_s']} | {r['lmcl_step_s']} | "
-                     f"{r['meta_phase_s']} s ({r['meta_in_regular_steps']}) | {r['lmcl_amortised_img_s']} "
-                     f"(meta every {r['meta_freq']}) | {r['amortised_vs_backbone']} "
-                     f"(at 50: {r['amortised_vs_backbone_meta50']}) |")
+        lines.append(f"| {r['case']} B={r['batch']} | {r['config']} | {r['backbone_step_s']} ({r['backbone_img_s']}) | "
+                     f"{r['lmcl_step_s']} | {r['meta_phase_s']} ({r['meta_in_regular_steps']}) | "
+                     f"{r['lmcl_amortised_img_s']} (meta every {r['meta_freq']}) | {r['amortised_vs_backbone']} | "
+                     f"{r.get('meta_first_order_s', '-')} ({r.get('meta_first_order_in_regular_steps', '-')}) | "
+                     f"{r.get('amortised_first_order_vs_backbone', '-')} |")
     machine = next(iter(latest.values()))["machine"]
     (RESULTS / "throughput.md").write_text(f"Measured on: {machine}\n\n" + "\n".join(lines) + "\n")

@@ -10,7 +10,8 @@ backend. Every number of one case comes from one process, in one run.
 
     make bench                                   # all benchmarks, pytest-benchmark JSON in benchmarks/results.json
     .venv/bin/python -m pytest benchmarks/bench_throughput.py --benchmark-only -s   # this file only
-    env: FASTMCL_BENCH_ROUNDS (default 3), FASTMCL_BENCH_CASES (default "cifar,imagenet")
+    env: FASTMCL_BENCH_ROUNDS (default 3), FASTMCL_BENCH_CASES (default "cifar,imagenet"),
+         FASTMCL_BENCH_SPEEDS (comma-separated config names, default all)
 
 Results: benchmarks/results/throughput.jsonl (one line per case × config) and throughput.md (the table).
 """
@@ -98,7 +99,10 @@ def _machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, no GPU"
 
 
-@pytest.mark.parametrize("speed", list(SPEEDS))
+SELECTED = os.environ.get("FASTMCL_BENCH_SPEEDS")
+
+
+@pytest.mark.parametrize("speed", [s for s in SPEEDS if not SELECTED or s in SELECTED.split(",")])
 @pytest.mark.parametrize("case", [c for c in CASE_CONFIGS if c in CASES])
 def test_throughput(benchmark, tmp_path, case, speed):
     cfg = TrainConfig(data="synthetic", method="lmcl", out=str(tmp_path), progress=False, workers=0,

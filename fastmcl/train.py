@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from . import distributed
 from .checkpoint import CheckpointError
 from .config import build_parser, load_yaml, parse_config
 from .trainer import NonFiniteLoss, Trainer, resume_config
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastmcl: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()      # under torchrun: leave the process group cleanly
     if "eval" in result:
         best = max(result["eval"].items(), key=lambda kv: kv[1][0])
         print(f"fastmcl: done at step {result['step']}; best classifier {best[0]} top-1 {best[1][0]:.2f}%")

@@ -61,3 +61,17 @@ def test_two_gloo_processes_match_one(tmp_path, setting):
         assert abs(a[step] - b[step]) <= 1e-10 * abs(a[step]), (step, a[step], b[step])
     # rank 0 alone writes the run directory; every rank ends at the same step
     assert (two / "checkpoints" / "last.pt").is_file()
+
+
+def test_two_gloo_processes_with_the_meta_phase(tmp_path):
+    """The meta phase under DDP + sync-BN (per-rank unroll with local BN, hypergradients averaged) runs to the end
+    on both ranks without a hang, and the logged losses are finite."""
+    args = [a for a in TINY if a not in ("--meta-mode", "off")] + ["--method", "lmcl", "--no-memory-bank",
+                                                                    "--meta-freq", "1", "--meta-mode", "first-order"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    _run([*torchrun, "-m", "fastmcl.train", *args, "--out", str(tmp_path / "run")], tmp_path, "torchrun + meta")
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == [1, 2, 3] and all(abs(v) < 1e6 for v in losses.values())
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("meta_outer" in e for e in events if e["event"] == "train")

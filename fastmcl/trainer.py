@@ -76,11 +76,12 @@ def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> tuple[torc
     return opt, f"torch.optim.SGD({next(iter(kind))}=True)"
 
 
-def to_device(x, device: torch.device):
-    """A batch tensor or a list of member views → device."""
+def to_device(x, device: torch.device, channels_last: bool = False):
+    """A batch tensor or a list of member views → device (and channels_last, a no-op for loaders that emit it)."""
     if isinstance(x, (list, tuple)):
-        return [v.to(device, non_blocking=True) for v in x]
-    return x.to(device, non_blocking=True)
+        return [to_device(v, device, channels_last) for v in x]
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 def batch_size_of(x) -> int:
@@ -304,7 +305,7 @@ class Trainer:
                     lr = lr_at(cfg, self.epoch, self.step_in_epoch, steps_per_epoch)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                    x = to_device(x, self.device)
+                    x = to_device(x, self.device, self.cfg.channels_last)
                     y, index = y.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
                     terms = self.train_step(x, y, index, lr)
                     self.step += 1

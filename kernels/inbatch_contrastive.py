@@ -181,6 +181,19 @@ def _inbatch_fwd_kernel(E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv, ce_ou
 # ---------------------------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _rows(E, e, rx, mx, dcols, mdc, B, D):
+    """Rows rx of embedding e, columns dcols: a [BLOCK_X, BLOCK_DO] fp32 tile (masked rows/columns are 0)."""
+    return tl.load(E + ((e * B + rx) * D)[:, None] + dcols[None, :], mask=mx[:, None] & mdc[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_partial(partial, tile, slot, ro, mo, dcols, mdc, B, D):
+    """Write one program's dE tile into its own partial slot (summed over slots on the host: no atomics)."""
+    tl.store(partial + ((slot * B + ro) * D)[:, None] + dcols[None, :], tile, mask=mo[:, None] & mdc[None, :])
+
+
+@triton.jit
 def _ce_bwd_program(E, labels, ce_u, ce_v, g_ce, stats, partial, blk, side, ro, mo, dcols, mdc, Nb, B, D, tau,
                     BLOCK_O: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DO: tl.constexpr,
                     PREC: tl.constexpr):
@@ -208,12 +221,8 @@ def _ce_bwd_program(E, labels, ce_u, ce_v, g_ce, stats, partial, blk, side, ro, 
         live = offdiag & (n_pos > 0)                                            # rows with no positive: no grad
         p = tl.where(live, tl.exp(s - lse), 0.0)
         ds = tl.where(live, g * (p - tl.where(pos, 1.0, 0.0) / tl.maximum(n_pos, 1.0)), 0.0)
-        xb = tl.load(E + ((b * B + rx) * D)[:, None] + dcols[None, :], mask=mx[:, None] & mdc[None, :],
-                     other=0.0).to(tl.float32)
-        acc += tl.dot(ds, xb, input_precision=PREC)
-    acc = acc / tau
-    out = partial + (((side64 * Nb + blk64) * B + ro) * D)[:, None] + dcols[None, :]
-    tl.store(out, acc, mask=mo[:, None] & mdc[None, :])
+        acc += tl.dot(ds, _rows(E, b, rx, mx, dcols, mdc, B, D), input_precision=PREC)
+    _store_partial(partial, acc / tau, side64 * Nb + blk64, ro, mo, dcols, mdc, B, D)
 
 
 @triton.jit
@@ -243,12 +252,8 @@ def _kl_bwd_program(E, kl_su, kl_sv, kl_tu, kl_tv, g_kl, stats, partial, k, blk,
         lse_s = tl.load(stats + blk64 * B + ri, mask=valid, other=0.0)
         lse_t = tl.load(stats + (Nb + blk64) * B + ri, mask=valid, other=0.0)
         ds = tl.where(valid, g * (tl.exp(s - lse_s) - tl.exp(t - lse_t)) / kd_T, 0.0)   # ∂KL/∂S_s
-        xb = tl.load(E + ((b_s * B + rx) * D)[:, None] + dcols[None, :], mask=mx[:, None] & mdc[None, :],
-                     other=0.0).to(tl.float32)
-        acc += tl.dot(ds, xb, input_precision=PREC)
-    acc = acc / tau
-    out = partial + (((side64 * Nb + blk64) * B + ro) * D)[:, None] + dcols[None, :]
-    tl.store(out, acc, mask=mo[:, None] & mdc[None, :])
+        acc += tl.dot(ds, _rows(E, b_s, rx, mx, dcols, mdc, B, D), input_precision=PREC)
+    _store_partial(partial, acc / tau, side64 * Nb + blk64, ro, mo, dcols, mdc, B, D)
 
 
 @triton.jit

@@ -17,11 +17,7 @@ from fastmcl.models.base import BackboneOutput
 B, C = 6, 3
 
 
-@pytest.fixture(autouse=True)
-def _fp64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("fp64")  # tests/conftest.py
 
 
 def kl(student, teacher, T=3.0):

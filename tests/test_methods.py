@@ -7,11 +7,7 @@ from fastmcl.losses import bank_contrastive_terms, contrastive_terms, layer_pair
 from fastmcl.methods import ContrastWeights, build_method
 from fastmcl.models import build_cohort
 
-@pytest.fixture(autouse=True)
-def _fp64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("fp64")  # tests/conftest.py
 
 
 def kl(s, t, T=3.0):

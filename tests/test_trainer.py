@@ -15,6 +15,7 @@ from fastmcl.checkpoint import load_checkpoint
 from fastmcl.config import TrainConfig, parse_config
 from fastmcl.train import main
 from fastmcl.trainer import Trainer
+from run_checks import assert_resume_is_exact
 
 TINY = ["--data", "synthetic", "--synthetic-samples", "48", "--num-classes", "4", "--batch-size", "16",
         "--image-size", "16", "--workers", "0", "--m-per-class", "4", "--no-progress", "--deterministic", "--log-every", "1"]
@@ -29,15 +30,8 @@ def events(run: Path, kind: str) -> list[dict]:
 def test_resume_is_exact(tmp_path, bank):
     """2N steps == N steps + resume + N steps (losses and weights to 1e-6), crossing an epoch boundary."""
     extra = ["--method", "lmcl", "--epochs", "3", "--neg-k", "20"] + (["--memory-bank"] if bank else ["--no-memory-bank"])
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert main(TINY + extra + ["--out", str(full), "--max-steps", "4"]) == 0
-    assert main(TINY + extra + ["--out", str(part), "--max-steps", "2"]) == 0
-    assert main(["--resume", str(part), "--max-steps", "4", "--no-progress"]) == 0
-    want = {e["step"]: e["loss"] for e in events(full, "train")}
-    got = {e["step"]: e["loss"] for e in events(part, "train")}
-    assert sorted(got) == [1, 2, 3, 4] and sorted(want) == [1, 2, 3, 4]
-    for step in want:
-        assert abs(got[step] - want[step]) <= 1e-6 * max(1.0, abs(want[step])), (step, got[step], want[step])
+    full = assert_resume_is_exact(TINY + extra, tmp_path)
+    part = tmp_path / "part"
     a = load_checkpoint(full / "checkpoints" / "last.pt")
     b = load_checkpoint(part / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 4

@@ -45,14 +45,16 @@ class EmaCohort(nn.Module):
     def update(self, cohort: nn.Module, step: int) -> float:
         """Average `cohort` (the student, same structure) into the copy; returns the α used."""
         alpha = ema_alpha(step, self.alpha_max)
-        ema_p = [p for p in self.module.parameters()]
+        ema_p = list(self.module.parameters())
         src_p = [p.detach() for p in cohort.parameters()]
         if len(ema_p) != len(src_p):
             raise ValueError("update: the cohort does not have the EMA copy's structure")
         torch._foreach_lerp_(ema_p, src_p, 1.0 - alpha)
-        for (name, b), src in zip(self.module.named_buffers(), cohort.buffers()):
-            if b.dtype.is_floating_point:
-                b.lerp_(src.to(b.dtype), 1.0 - alpha)
-            else:
-                b.copy_(src)
+        pairs = list(zip(self.module.buffers(), cohort.buffers()))
+        floats = [(b, s) for b, s in pairs if b.dtype.is_floating_point]
+        if floats:
+            torch._foreach_lerp_([b for b, _ in floats], [s for _, s in floats], 1.0 - alpha)
+        for b, s in pairs:
+            if not b.dtype.is_floating_point:
+                b.copy_(s)                                   # num_batches_tracked
         return alpha

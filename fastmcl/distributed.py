@@ -30,8 +30,9 @@ Each of the W ranks receives B/W samples of the same global batch of B.
 * Parameters that are *not* inside DDP (small heads, the meta-network) must
   follow the same rule: call :func:`all_reduce_mean_grads` on them after
   ``backward()``.
-* Memory banks are updated from :func:`all_gather_no_grad` of
-  ``(indices, embeddings)`` so every rank holds the identical bank.
+* Memory banks are updated from an all-gather of ``(indices, embeddings)``
+  under no_grad (the trainer hands the objective :func:`all_gather_with_grad`,
+  which records nothing there), so every rank holds the identical bank.
 * BatchNorm statistics are synchronised over ranks (``--sync-bn``) with
   :func:`convert_sync_batchnorm`: torch's ``nn.SyncBatchNorm`` on CUDA,
   :class:`SyncBatchNorm2d` on CPU/gloo (torch's SyncBatchNorm rejects CPU

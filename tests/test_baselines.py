@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastmcl.methods import METHODS, NEEDS_AUX, MethodNeeds, build_method, method_needs
+from fastmcl.methods import METHODS, MethodNeeds, build_method, method_needs
 from fastmcl.methods.rampup import sigmoid_rampup
 from fastmcl.methods.teachers import min_logit
 from fastmcl.models import build_cohort
@@ -340,7 +340,7 @@ def test_pcl_loss_equals_hand_formula_and_ema_gets_no_gradient():
 
 def test_method_needs_and_registry():
     assert METHODS == ("dml", "one", "okddip", "kdcl", "clilr", "pcl", "mcl", "lmcl")
-    assert NEEDS_AUX == {n: n == "lmcl" for n in METHODS}
+    assert {n: method_needs(n).aux for n in METHODS} == {n: n == "lmcl" for n in METHODS}
     assert method_needs("dml") == MethodNeeds()
     assert method_needs("one") == MethodNeeds(shared_trunk=True, default_members=3)
     assert method_needs("okddip") == MethodNeeds(shared_trunk=True, min_members=3, default_members=4)

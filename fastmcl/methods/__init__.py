@@ -36,10 +36,6 @@ def method_needs(name: str, *, memory_bank: bool = False) -> MethodNeeds:
     return cls.needs
 
 
-#: what each method needs before its cohort exists (auxiliary branches)
-NEEDS_AUX = {name: method_needs(name).aux for name in METHODS}
-
-
 def build_method(name: str, *, feature_dims: list[int], num_stages: list[int], num_classes: int,
                  memory_bank: bool = False, num_samples: int = 0, weights: ContrastWeights | None = None,
                  feat_dim: int = 128, pos_k: int = 1, nce_m: float = 0.5, kd_T: float = 3.0,
@@ -79,5 +75,5 @@ def build_method(name: str, *, feature_dims: list[int], num_stages: list[int], n
     return PCL(feature_dims, num_classes, kd_T=kd_T, rampup_epochs=rampup_epochs)
 
 
-__all__ = ["METHODS", "NEEDS_AUX", "CLILR", "ContrastWeights", "DML", "KDCL", "LMCL", "MCL", "MethodNeeds", "OKDDip",
+__all__ = ["METHODS", "CLILR", "ContrastWeights", "DML", "KDCL", "LMCL", "MCL", "MethodNeeds", "OKDDip",
            "ONE", "Objective", "PCL", "StepOutput", "build_method", "method_needs"]

@@ -11,16 +11,26 @@ One meta phase on a batch (x, y), at the current learning rate lr:
   hypergradient   = ∂ L_outer(θ_{inner+1}) / ∂φ
 then φ ← the meta optimizer's step (SGD, Nesterov, momentum 0.9, lr on the main schedule).
 
-Modes: `second-order` differentiates through every step exactly (Hessian-vector products included);
-`first-order` takes each update's Jacobian ∂θ_{t+1}/∂θ_t as the identity (drops the Hessian and weight-decay terms,
-keeps momentum as a scalar factor) but keeps the mixed term ∂²L_inner/∂θ∂φ through which the weights act at all:
+Modes: `second-order` differentiates through every step (Hessian-vector products included); `first-order` takes
+each update's Jacobian ∂θ_{t+1}/∂θ_t as the identity (drops the Hessian and weight-decay terms, keeps momentum as a
+scalar factor) but keeps the mixed term ∂²L_inner/∂θ∂φ through which the weights act at all:
 hypergradient ≈ −Σ_t c_t ∂/∂φ ⟨∇θ L_inner(θ_t, φ), ∇θ L_outer(θ_T)⟩ with c_t = lr·Σ_{s=t}^{T−1} μ^{s−t}.
-The mixed term is formed without differentiating the networks twice: with c the tensors the inner loss sees from θ
-(the student logits and the matching weights, teachers held fixed) and g = ∂L_inner/∂c (a graph through the loss tail
-and the meta-network only), ⟨∇θ L_inner, v⟩ = Σ ⟨g, J_c v⟩, and the directional derivative J_c v is a central
-difference of two fp32 forwards at θ ± h·v/‖v‖ (`fd_step` h = 1e-3; O(h²): it equals the exact form to 1e-6 in fp64,
-and to 0.4 % in fp32 on 2×ResNet-32; `fd_step=None` differentiates through the networks instead). A first-order
-phase then costs the virtual steps plus two forwards per inner step (2.1× cheaper than the exact form, measured).
+
+Both run as one reverse sweep over the recorded steps (`_reverse_sweep`). A mixed term ∂/∂φ ⟨∇θ L_inner, v⟩ is formed
+without differentiating the networks twice: with c the tensors the inner loss sees from θ (the student logits and
+the matching weights, teachers held fixed) and q = ∂L_inner/∂c (a graph through the loss tail and the meta-network
+only), ⟨∇θ L_inner, v⟩ = ⟨q, J_c v⟩, and J_c v is a difference of forwards along v/‖v‖ with step `fd_step` h = 1e-3:
+one-sided against the recorded base point when the phase runs in fp32 (O(h)), central under autocast (two fp32
+forwards, O(h²)). second-order needs θ's adjoint only after step 0, so it uses that difference for step 0's mixed term
+and one double backward of the networks for each later step (its Hessian-vector product and mixed term) and for the
+CE step; first-order uses it for every step. `fd_step=None` differentiates through the networks everywhere (the
+plain unrolled form; the tests check both agree, and the FD check of the hypergradient holds for both).
+
+Why not differences for the Hessian-vector products too (which would cost one forward+backward each): the networks
+are ReLU networks, so ∇θ L jumps where a unit changes sign, and a difference of gradients picks up those jumps. On
+2×ResNet-32 (fp64, B=8) differences of gradients matched the analytic product only for h ≤ 1e-6 (h = 1e-4: 2·10⁴×
+off), below what fp32 can resolve; the outer loss itself jumps by 1e-3 between φ perturbations of 1e-7 and 1e-6. The
+forwards' differences above only see the kinks as an O(h) error of a continuous function.
 """
 from __future__ import annotations
 
@@ -31,6 +41,31 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 META_MODES = ("second-order", "first-order", "off")
+
+
+@dataclass
+class _Base:
+    """One recorded inner step, for the reverse sweep."""
+    theta: dict[str, Tensor]        # θ_t, detached
+    grads: list[Tensor]             # g_t at θ_t, no graph
+    capture: list[Tensor]           # c(θ_t), with a graph to φ through the weights
+    tail: list[tuple[int, Tensor]]  # (k, q_k = ∂L/∂c_k) with a graph to φ
+
+
+def _dense(grads, theta: dict[str, Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, theta.values())]
+
+
+def _accumulate(total: list[Tensor], grads) -> None:
+    for acc, g in zip(total, grads):
+        if g is not None:
+            acc += g
+
+
+def _direction(v: list[Tensor]) -> tuple[float, list[Tensor]]:
+    """(‖v‖, v/‖v‖) over all tensors: differences are taken along a unit direction, with step h in θ's units."""
+    norm = float(torch.sqrt(sum((vv.double() ** 2).sum() for vv in v)))
+    return norm, ([vv / norm for vv in v] if norm > 0 else v)
 
 
 class _Joint(nn.Module):
@@ -104,39 +139,6 @@ class MetaPhase:
         return list(torch.autograd.grad([c for c, _ in pairs], list(theta.values()), [g for _, g in pairs],
                                         create_graph=True, allow_unused=True))
 
-    def _inner_grad_and_tail(self, theta, phi, buffers, x, y, idx):
-        """(∇θ L_inner with the teachers fixed, no graph; [(index into the captured tensors, ∂L/∂c with a graph to
-        φ through the loss tail)]): the first-order path's virtual step and the g of its mixed term."""
-        capture: list[Tensor] = []
-        loss = self._loss(theta, phi, buffers, x, y, idx, "inner", capture)
-        g = torch.autograd.grad(loss, capture, create_graph=True, allow_unused=True)
-        used = [k for k, gk in enumerate(g) if gk is not None]
-        # retain: g's graph to φ runs through the meta-network, which this backward to θ also traverses
-        grads = torch.autograd.grad([capture[k] for k in used], list(theta.values()), [g[k].detach() for k in used],
-                                    retain_graph=True, allow_unused=True)
-        return list(grads), [(k, g[k]) for k in used]
-
-    def _captured(self, theta, phi, buffers, x, y, idx) -> list[Tensor]:
-        """The tensors the inner loss sees from θ (student logits, matching weights), from an fp32 forward with θ
-        fixed: only the meta-network's part of the graph (φ → weights) is recorded."""
-        capture: list[Tensor] = []
-        with torch.autocast(x.device.type, enabled=False):
-            self._loss(theta, phi, buffers, x, y, idx, "inner", capture)
-        return capture
-
-    def _fd_mixed(self, theta, phi, buffers, x, y, idx, tail, v) -> Tensor:
-        """⟨∇θ L_inner(θ, φ), v⟩ as a function of φ: Σ ⟨g, (c(θ + h u) − c(θ − h u)) / 2h⟩·‖v‖, u = v/‖v‖."""
-        norm = torch.sqrt(sum((vv.double() ** 2).sum() for vv in v if vv is not None))
-        if float(norm) == 0.0:
-            return sum(p.sum() * 0 for p in phi.values())
-        h = self.fd_step
-        step = {n: (h / norm * vv).to(p.dtype) if vv is not None else torch.zeros_like(p)
-                for (n, p), vv in zip(theta.items(), v)}
-        plus = self._captured({n: p + step[n] for n, p in theta.items()}, phi, buffers, x, y, idx)
-        minus = self._captured({n: p - step[n] for n, p in theta.items()}, phi, buffers, x, y, idx)
-        scale = norm.to(plus[0].dtype) / (2 * h)
-        return sum((g * (plus[k] - minus[k]).to(g.dtype)).sum() for k, g in tail) * scale
-
     def _sgd(self, theta, bufs, grads, lr):
         """torch.optim.SGD's update (momentum, weight decay, no dampening, no Nesterov), out of place."""
         new_theta, new_bufs = {}, {}
@@ -151,10 +153,10 @@ class MetaPhase:
         params = dict(self.joint.named_parameters())
         phi = {n: params[n] for n in self.meta_names}
         theta, buffers = self._fresh_state()
+        if self.fd_step is not None:
+            return self._reverse_sweep(theta, phi, buffers, x, y, contrast_idx, lr)
         second = self.mode == "second-order"
         bufs: dict[str, Tensor] = {}
-        if not second and self.fd_step is not None:
-            return self._first_order_fd(theta, phi, buffers, x, y, contrast_idx, lr)
         mixed = []                                     # first-order: the ∇θ L_inner(θ_t, φ) with graphs to φ
         for _ in range(self.inner_steps):
             grads = self._inner_grad(theta, phi, buffers, x, y, contrast_idx)
@@ -187,30 +189,90 @@ class MetaPhase:
         hyper = [torch.zeros_like(p) if h is None else h for p, h in zip(phi_list, hyper)]
         return hyper, outer.detach()
 
-    def _first_order_fd(self, theta, phi, buffers, x, y, idx, lr) -> tuple[list[Tensor], Tensor]:
-        """First-order hypergradient with the mixed terms by central differences (see the module docstring)."""
+    # -- the default path: network curvature by double backward, mixed term at θ₀ by differences ---------------------
+    def _record_inner(self, theta, phi, buffers, x, y, idx) -> _Base:
+        """One inner step's base point: g_t = J_cᵀ q with the teachers fixed (no graph; the virtual step), and the loss
+        tail q = ∂L/∂c with a graph to φ through the weights, for the mixed term."""
+        capture: list[Tensor] = []
+        loss = self._loss(theta, phi, buffers, x, y, idx, "inner", capture)
+        q = torch.autograd.grad(loss, capture, create_graph=True, allow_unused=True)
+        used = [k for k, qk in enumerate(q) if qk is not None]
+        # retain: q's graph to φ runs through the meta-network, which this backward to θ also traverses
+        grads = torch.autograd.grad([capture[k] for k in used], list(theta.values()), [q[k].detach() for k in used],
+                                    retain_graph=True, allow_unused=True)
+        return _Base({n: p.detach() for n, p in theta.items()}, _dense(grads, theta), capture,
+                     [(k, q[k]) for k in used])
+
+    def _captured(self, theta, phi, buffers, x, y, idx) -> list[Tensor]:
+        """The captured tensors from an fp32 forward at a fixed θ: only the meta-network's part (φ → weights) is
+        recorded."""
+        capture: list[Tensor] = []
+        with torch.autocast(x.device.type, enabled=False):
+            self._loss(theta, phi, buffers, x, y, idx, "inner", capture)
+        return capture
+
+    def _mixed_by_differences(self, base: _Base, v, phi, buffers, x, y, idx, one_sided: bool, hyper) -> None:
+        """Adds ∂/∂φ ⟨g_t(θ_t, φ), v⟩ to `hyper` without differentiating the networks twice: with g = J_cᵀ q,
+        ⟨g, v⟩ = ⟨q, J_c v⟩ and J_c v is a difference of the captured tensors along v (graph to φ through the
+        weights). One-sided against the recorded base point when that is fp32, else central (two fp32 forwards)."""
+        norm, u = _direction(v)
+        if norm == 0.0:
+            return
+        h = self.fd_step
+        plus = self._captured({n: p + h * uu for (n, p), uu in zip(base.theta.items(), u)}, phi, buffers, x, y, idx)
+        if one_sided:
+            ref, coef = base.capture, norm / h
+        else:
+            ref = self._captured({n: p - h * uu for (n, p), uu in zip(base.theta.items(), u)}, phi, buffers, x, y, idx)
+            coef = norm / (2 * h)
+        mixed = sum((q * (plus[k] - ref[k]).to(q.dtype)).sum() for k, q in base.tail) * coef
+        _accumulate(hyper, torch.autograd.grad(mixed, list(phi.values()), allow_unused=True))
+
+    def _reverse_sweep(self, theta, phi, buffers, x, y, idx, lr) -> tuple[list[Tensor], Tensor]:
+        """The hypergradient by a reverse sweep over the recorded virtual steps. Adjoints of
+        b_{t+1} = μ b_t + g_t + wd θ_t, θ_{t+1} = θ_t − lr b_{t+1}:
+            b̄_{t+1} = −lr θ̄_{t+1} + μ b̄_{t+2},  θ̄_t = θ̄_{t+1} + wd b̄_{t+1} + J_tᵀ b̄_{t+1},  φ̄ += ∂φ ⟨g_t, b̄_{t+1}⟩.
+        second-order: J_tᵀ b̄ and the mixed term by one double backward for t ≥ 1 (θ̄₀ is not needed, so step 0
+        needs only its mixed term, by differences); first-order: θ̄_t = θ̄_T, every mixed term by differences."""
+        second = self.mode == "second-order"
+        one_sided = not torch.is_autocast_enabled(x.device.type)
+        phi_list = list(phi.values())
         bufs: dict[str, Tensor] = {}
-        trajectory = []
-        for _ in range(self.inner_steps):
-            grads, tail = self._inner_grad_and_tail(theta, phi, buffers, x, y, idx)
-            trajectory.append(({n: p.detach() for n, p in theta.items()}, tail))
-            theta, bufs = self._sgd({n: p.detach() for n, p in theta.items()}, bufs, grads, lr)
+        records: list = []
+        for t in range(self.inner_steps):
+            if second and t > 0:
+                grads = self._inner_grad(theta, phi, buffers, x, y, idx)      # with a graph, for the double backward
+                records.append((theta, grads))
+                step = _dense([None if g is None else g.detach() for g in grads], theta)
+            else:
+                records.append(self._record_inner(theta, phi, buffers, x, y, idx))
+                step = records[-1].grads
+            theta, bufs = self._sgd({n: p.detach() for n, p in theta.items()}, bufs, step, lr)
             theta = {n: p.detach().requires_grad_(True) for n, p in theta.items()}
-        loss = self._loss(theta, phi, buffers, x, y, idx, "outer")
-        grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
-        theta, bufs = self._sgd({n: p.detach() for n, p in theta.items()}, bufs, grads, lr)
+        records.append((theta, torch.autograd.grad(self._loss(theta, phi, buffers, x, y, idx, "outer"),
+                                                    list(theta.values()), create_graph=second, allow_unused=True)))
+        step = _dense([None if g is None else g.detach() for g in records[-1][1]], theta)
+        theta, bufs = self._sgd({n: p.detach() for n, p in theta.items()}, bufs, step, lr)
         theta = {n: p.detach().requires_grad_(True) for n, p in theta.items()}
         outer = self._loss(theta, phi, buffers, x, y, idx, "outer")
-        v = [None if g is None else g.detach() for g in torch.autograd.grad(outer, list(theta.values()),
-                                                                            allow_unused=True)]
-        total_steps = self.inner_steps + 1
-        surrogate = 0.0
-        for t, (theta_t, tail) in enumerate(trajectory):
-            c_t = lr * sum(self.momentum ** s for s in range(total_steps - t))
-            surrogate = surrogate - c_t * self._fd_mixed(theta_t, phi, buffers, x, y, idx, tail, v)
-        phi_list = list(phi.values())
-        hyper = torch.autograd.grad(surrogate, phi_list, allow_unused=True)
-        hyper = [torch.zeros_like(p) if h is None else h for p, h in zip(phi_list, hyper)]
+        theta_bar = _dense(torch.autograd.grad(outer, list(theta.values()), allow_unused=True), theta)
+        hyper = [torch.zeros_like(p) for p in phi_list]
+        b_bar = None
+        for t in reversed(range(self.inner_steps + 1)):
+            prev, b_bar = b_bar, [-lr * tb for tb in theta_bar]
+            if prev is not None:
+                b_bar = [b + self.momentum * p for b, p in zip(b_bar, prev)]
+            record, records[t] = records[t], None                 # its graphs are freed after this step
+            if isinstance(record, _Base):
+                self._mixed_by_differences(record, b_bar, phi, buffers, x, y, idx, one_sided, hyper)
+            elif second:
+                at, grads = record
+                pairs = [(g, bb) for g, bb in zip(grads, b_bar) if g is not None and g.requires_grad]
+                inputs = list(at.values()) + (phi_list if t < self.inner_steps else [])
+                out = torch.autograd.grad([g for g, _ in pairs], inputs, [bb for _, bb in pairs], allow_unused=True)
+                _accumulate(hyper, out[len(at):])
+                theta_bar = [tb + self.weight_decay * bb + (0.0 if jv is None else jv)
+                             for tb, bb, jv in zip(theta_bar, b_bar, out[:len(at)])]
         return hyper, outer.detach()
 
     @torch.no_grad()

@@ -47,10 +47,11 @@ def tiny_setup(seed=0, memory_bank=False):
     return cohort, obj, x, y, idx
 
 
+@pytest.mark.parametrize("fd_step", [None, 1e-7], ids=["exact", "default-path"])
 @pytest.mark.parametrize("memory_bank", [False, True])
-def test_second_order_hypergradient_matches_central_differences(memory_bank):
+def test_second_order_hypergradient_matches_central_differences(memory_bank, fd_step):
     cohort, obj, x, y, idx = tiny_setup(memory_bank=memory_bank)
-    meta = MetaPhase(cohort, obj, None, inner_steps=2, mode="second-order", weight_decay=5e-4)
+    meta = MetaPhase(cohort, obj, None, inner_steps=2, mode="second-order", weight_decay=5e-4, fd_step=fd_step)
     lr = 0.5
     hyper, _ = meta.hypergradient(x, y, idx, lr)
     eps = 1e-6
@@ -77,7 +78,7 @@ def test_first_order_agrees_with_second_order_for_small_lr():
     """The dropped Hessian terms are O(lr²) against the kept O(lr) mixed term."""
     cohort, obj, x, y, idx = tiny_setup(seed=1)
     lr = 1e-4
-    so, _ = MetaPhase(cohort, obj, None, mode="second-order").hypergradient(x, y, idx, lr)
+    so, _ = MetaPhase(cohort, obj, None, mode="second-order", fd_step=None).hypergradient(x, y, idx, lr)
     fo, _ = MetaPhase(cohort, obj, None, mode="first-order", fd_step=None).hypergradient(x, y, idx, lr)
     so, fo = torch.cat([t.flatten() for t in so]), torch.cat([t.flatten() for t in fo])
     assert so.norm() > 0
@@ -111,16 +112,31 @@ def test_bad_meta_mode():
         MetaPhase(cohort, obj, None, mode="third-order")
 
 
+def _flat(tensors):
+    return torch.cat([t.flatten() for t in tensors])
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["one-sided", "central"])
+@pytest.mark.parametrize("mode", ["second-order", "first-order"])
 @pytest.mark.parametrize("memory_bank", [False, True])
-def test_first_order_finite_difference_mixed_term_matches_the_exact_one(memory_bank):
-    """The default first-order path (mixed term by a central difference of two forwards) equals the first-order
-    hypergradient formed by differentiating through the networks, to O(h²) (fp64, h = 1e-4)."""
+def test_mixed_term_by_differences_matches_the_exact_one(memory_bank, mode, autocast):
+    """The default path forms the mixed term of step 0 (first-order: of every step) from differences of forwards:
+    one-sided against the recorded base point, O(h); central under autocast, where the base point is not in the
+    shifted forwards' fp32, O(h²). It equals the form differentiated through the networks (fp64; autocast leaves
+    fp64 alone, so only the scheme changes)."""
     cohort, obj, x, y, idx = tiny_setup(memory_bank=memory_bank)
     lr = 0.5
-    exact, _ = MetaPhase(cohort, obj, None, mode="first-order", fd_step=None).hypergradient(x, y, idx, lr)
-    fd, _ = MetaPhase(cohort, obj, None, mode="first-order", fd_step=1e-4).hypergradient(x, y, idx, lr)
-    e, f = torch.cat([t.flatten() for t in exact]), torch.cat([t.flatten() for t in fd])
-    assert e.abs().max() > 1e-8
-    assert (e - f).norm() / e.norm() <= 1e-6, ((e - f).norm() / e.norm()).item()
+    exact = _flat(MetaPhase(cohort, obj, None, mode=mode, fd_step=None).hypergradient(x, y, idx, lr)[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        diff = _flat(MetaPhase(cohort, obj, None, mode=mode, fd_step=1e-4 if autocast else 1e-7)
+                     .hypergradient(x, y, idx, lr)[0])
+    assert exact.abs().max() > 1e-8
+    assert (exact - diff).norm() / exact.norm() <= 1e-6, ((exact - diff).norm() / exact.norm()).item()
+    coarse = _flat(MetaPhase(cohort, obj, None, mode=mode, fd_step=1e-3).hypergradient(x, y, idx, lr)[0])
+    assert (exact - coarse).norm() > (exact - diff).norm()        # the difference scheme is really in use
+
+
+def test_bad_fd_step():
+    cohort, obj, *_ = tiny_setup()
     with pytest.raises(ValueError, match="fd_step"):
         MetaPhase(cohort, obj, None, mode="first-order", fd_step=0.0)

@@ -11,7 +11,6 @@ import functools
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from . import checks
 from .backend import resolve_backend
@@ -47,10 +46,11 @@ def _plan_indices(plan: ContrastPlan, device: torch.device) -> dict[str, Tensor]
 
 @functools.lru_cache(maxsize=64)
 def _bank_groups(plan: ContrastPlan, device: torch.device) -> tuple:
-    """The bank path's static partition of the plan, on the host: per (view, drop, n_pos) setting, the ce rows it owns
-    (`sel`), their distinct (embedding, bank) blocks (`u·n + m`) and each row's block (`inverse`), and the kl rows it
-    owns. Precomputed so a compiled step has no data-dependent `nonzero`/`unique` (no graph break)."""
-    n = max(plan.net_of) + 1
+    """The bank path's static partition of the plan: per setting (view blocks, then cross blocks), the ce rows it owns
+    (`sel`), each row's distinct (embedding, bank) block (`inverse`), the kl rows it owns (`kl_sel`), and on the host
+    the distinct ce blocks (u, m) and the kl blocks (su, sm, tu, tm) as lists. Precomputed so a compiled step has no
+    data-dependent `nonzero`/`unique`/`tolist` (no graph break), and host indices make every block a view of L."""
+    net = plan.net_of
 
     def t(values):
         return torch.tensor(values, dtype=torch.long, device=device)
@@ -58,10 +58,12 @@ def _bank_groups(plan: ContrastPlan, device: torch.device) -> tuple:
     groups = []
     for view in (True, False):
         ce_sel = [i for i, b in enumerate(plan.ce_blocks) if plan.is_view_block(b) == view]
-        keys = [plan.ce_blocks[i][0] * n + plan.net_of[plan.ce_blocks[i][1]] for i in ce_sel]
+        keys = [(plan.ce_blocks[i][0], net[plan.ce_blocks[i][1]]) for i in ce_sel]
         blocks = sorted(set(keys))
         kl_sel = [i for i, (s, _) in enumerate(plan.kl_blocks) if plan.is_view_block(s) == view]
-        groups.append((view, t(ce_sel), t(blocks), t([blocks.index(k) for k in keys]), t(kl_sel)))
+        kl = [(s[0], net[s[1]], t_[0], net[t_[1]]) for s, t_ in (plan.kl_blocks[i] for i in kl_sel)]
+        host = tuple([b[j] for b in blocks] for j in range(2)) + tuple([e[j] for e in kl] for j in range(4))
+        groups.append((t(ce_sel), t([blocks.index(k) for k in keys]), t(kl_sel), host))
     return tuple(groups)
 
 
@@ -198,46 +200,80 @@ def bank_rows_reference(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_
     """
     B = E.shape[1]
     # L[u, m] = e_u · Mem_m[idx]ᵀ / τ: depends on the contrast side only through the bank (spec §4.2).
-    L = torch.stack([bank_logits_all(E, bank.to(E.dtype), idx, k_chunk) for bank in banks], dim=1) / tau
-    L_s, L_t = _split(L, student_out)
+    L = bank_logits_all(E / tau, banks, idx, k_chunk)                      # [NE, n, B, K]
     n = L.shape[1]
-    # Row statistics are computed in chunks of blocks whose intermediates are recomputed in backward
-    # (activation checkpointing), so only L and its gradient stay alive: the [blocks, B, K] softmax temporaries
-    # would otherwise dominate the memory of the streamed path. The meta phase (student_out) differentiates twice and
-    # takes the plain path.
-    # (Under torch.compile the compiler plans the memory itself: no checkpoint regions there.)
-    recompute = (student_out is None and torch.is_grad_enabled() and L.requires_grad
-                 and not torch.compiler.is_compiling())
-    ce = L.new_empty(ce_u.shape[0], B)
-    kl = L.new_empty(kl_su.shape[0], B)
     if groups is None:
         groups = []
         for view in (True, False):
             sel = (ce_view == view).nonzero().flatten()
             blocks, inverse = torch.unique(ce_u[sel] * n + ce_m[sel], return_inverse=True)
-            groups.append((view, sel, blocks, inverse, (kl_view == view).nonzero().flatten()))
-    for (view, sel, blocks, inverse, kl_sel), (drop, n_pos) in zip(groups, ((1, pos_k), (0, 1 + pos_k))):
-        if sel.numel():
-            # each distinct (embedding, bank) block once: plan blocks (u, v) share the bank m = net(v) (spec §4.2)
-            rows = _chunked(lambda Ls, b, drop=drop, n_pos=n_pos:  # bound now: backward recomputes later
-                            leading_positive_rows(Ls[b // n, b % n, :, drop:], n_pos), (L_s,), (blocks,), recompute)
-            ce = ce.index_copy(0, sel, rows[inverse])
-        sel = kl_sel
-        if sel.numel():
-            rows = _chunked(lambda Ls, Lt, su, sm, tu, tm, drop=drop:
-                            kl_rows(Ls[su, sm, :, drop:], Lt[tu, tm, :, drop:], kd_T, detach_teacher=student_out is None),
-                            (L_s, L_t), (kl_su[sel], kl_sm[sel], kl_tu[sel], kl_tm[sel]), recompute)
-            kl = kl.index_copy(0, sel, rows)
+            kl_sel = (kl_view == view).nonzero().flatten()
+            host = tuple(x.tolist() for x in (blocks // n, blocks % n, kl_su[kl_sel], kl_sm[kl_sel], kl_tu[kl_sel],
+                                              kl_tm[kl_sel]))
+            groups.append((sel, inverse, kl_sel, host))
+    # per group: (columns dropped, leading positives, host lists of ce blocks (u, m) and kl blocks (su, sm, tu, tm))
+    specs = tuple((drop, n_pos, *host) for (*_, host), (drop, n_pos) in zip(groups, ((1, pos_k), (0, 1 + pos_k))))
+    # The hand-written backward keeps only L alive (no [B, K] softmax temporaries per block, no full-size zero gradient
+    # per block slice). The meta phase (student_out) differentiates twice and takes the plain autograd path.
+    if student_out is None and torch.is_grad_enabled() and L.requires_grad:
+        rows = _BankRows.apply(L, specs, kd_T)
+    else:
+        L_s, L_t = _split(L, student_out)
+        rows = _bank_rows(L_s, L_t, specs, kd_T, detach_teacher=student_out is None)
+    ce = L.new_empty(ce_u.shape[0], B)
+    kl = L.new_empty(kl_su.shape[0], B)
+    for (sel, inverse, kl_sel, _), ce_rows, kl_rows_ in zip(groups, rows[0::2], rows[1::2]):
+        if sel.numel():            # each distinct (embedding, bank) block once; plan blocks (u, v) share m = net(v)
+            ce = ce.index_copy(0, sel, ce_rows[inverse])
+        if kl_sel.numel():
+            kl = kl.index_copy(0, kl_sel, kl_rows_)
     return ce, kl
 
 
-def _chunked(fn, tensors: tuple, index_args: tuple, recompute: bool, chunk: int = 4) -> Tensor:
-    """fn(*tensors, *index_args[lo:hi]) over chunks of the index vectors, concatenated; checkpointed if asked."""
+def _bank_rows(L_s: Tensor, L_t: Tensor, specs: tuple, kd_T: float, *, detach_teacher: bool = True) -> tuple:
+    """(ce rows, kl rows) per group of `specs`, from student logits L_s and teacher logits L_t [NE, n, B, K]; one
+    [B, K] block (a view of L) at a time, so the temporaries stay [B, K]-sized."""
+    def rows(values: list) -> Tensor:
+        return torch.stack(values) if values else L_s.new_empty(0, L_s.shape[2])
+
     out = []
-    for lo in range(0, index_args[0].shape[0], chunk):
-        args = tensors + tuple(a[lo:lo + chunk] for a in index_args)
-        out.append(checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args))
-    return torch.cat(out)
+    for drop, n_pos, cu, cm, su, sm, tu, tm in specs:
+        out.append(rows([leading_positive_rows(L_s[u, m, :, drop:], n_pos) for u, m in zip(cu, cm)]))
+        out.append(rows([kl_rows(L_s[a, b, :, drop:], L_t[c, d, :, drop:], kd_T, detach_teacher=detach_teacher)
+                         for a, b, c, d in zip(su, sm, tu, tm)]))
+    return tuple(out)
+
+
+class _BankRows(torch.autograd.Function):
+    """`_bank_rows` with detached teachers and a flash-style backward (DESIGN.md "Kernels"): only L is saved (no
+    [B, K] softmax per block kept, no full-size zero gradient per block slice); backward recomputes each block's
+    softmax from L and adds its gradient into one buffer. Per row, with x the block's logits (spec §1.3):
+    ce = lse(x) − mean(x[:n_pos])             →  ∂/∂x = softmax(x) − 1[k < n_pos] / n_pos        (ICL, VCL);
+    kl = KL(softmax(t/T) ‖ softmax(s/T)), t detached  →  ∂/∂s = (softmax(s/T) − softmax(t/T)) / T  (soft ICL, VCL).
+    """
+
+    @staticmethod
+    def forward(ctx, L: Tensor, specs: tuple, kd_T: float):
+        ctx.save_for_backward(L)
+        ctx.specs, ctx.kd_T = specs, kd_T
+        return _bank_rows(L, L, specs, kd_T)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_rows: Tensor):
+        L, = ctx.saved_tensors
+        T = ctx.kd_T
+        grad_L = torch.zeros_like(L)
+        for (drop, n_pos, cu, cm, su, sm, tu, tm), g_ce, g_kl in zip(ctx.specs, grad_rows[0::2], grad_rows[1::2]):
+            for u, m, g in zip(cu, cm, g_ce[:, :, None]):
+                d = torch.softmax(L[u, m, :, drop:], dim=-1).mul_(g)
+                d[:, :n_pos] -= g / n_pos
+                grad_L[u, m, :, drop:] += d
+            for a, b, c, e, g in zip(su, sm, tu, tm, g_kl[:, :, None] / T):
+                d = torch.softmax(L[a, b, :, drop:] / T, dim=-1)
+                d -= torch.softmax(L[c, e, :, drop:] / T, dim=-1)
+                grad_L[a, b, :, drop:] += d.mul_(g)
+        return grad_L, None, None
 
 
 def _stack(embeddings: list[Tensor]) -> Tensor:

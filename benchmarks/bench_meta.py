@@ -27,15 +27,18 @@ def _median_time(fn, repeats):
     return sorted(times)[len(times) // 2]
 
 
-@pytest.mark.parametrize("mode", ["second-order", "first-order"])
+@pytest.mark.parametrize("mode,path", [("second-order", "default"), ("second-order", "exact"),
+                                       ("first-order", "default")])
 @pytest.mark.parametrize("speed", ["fp32", "bf16+channels_last"])
-def test_meta_phase_cost_in_regular_steps(tmp_path, mode, speed):
+def test_meta_phase_cost_in_regular_steps(tmp_path, mode, path, speed):
     fast = speed != "fp32"
     cfg = TrainConfig(data="synthetic", num_classes=100, synthetic_samples=BATCH * 4, image_size=32,
                       batch_size=BATCH, arch=["resnet32", "resnet32"], method="lmcl", meta_mode=mode,
                       amp="bf16" if fast else "off", channels_last=fast, out=str(tmp_path), progress=False,
                       workers=0)
     trainer = Trainer(cfg)
+    if path == "exact":                 # the plain unrolled form: every second derivative by double backward
+        trainer.meta.fd_step = None
     x, y, index = next(iter(trainer.data.train_batches(0)))
     if fast:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -50,7 +53,7 @@ def test_meta_phase_cost_in_regular_steps(tmp_path, mode, speed):
     meta_phase()                        # warm-up
     meta = _median_time(meta_phase, REPEATS)
     ratio = meta / regular
-    row = {"mode": mode, "speed": speed, "batch": BATCH, "regular_step_s": round(regular, 4),
+    row = {"mode": mode, "path": path, "speed": speed, "batch": BATCH, "regular_step_s": round(regular, 4),
            "meta_phase_s": round(meta, 4), "meta_in_regular_steps": round(ratio, 2),
            "amortised_overhead_per_step_at_freq_50": round(ratio / 50, 4), "threads": torch.get_num_threads()}
     print("\n" + json.dumps(row))

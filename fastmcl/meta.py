@@ -52,8 +52,9 @@ class _Base:
     tail: list[tuple[int, Tensor]]  # (k, q_k = ∂L/∂c_k) with a graph to φ
 
 
-def _dense(grads, theta: dict[str, Tensor]) -> list[Tensor]:
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, theta.values())]
+def _dense(grads, theta: dict[str, Tensor], detach: bool = False) -> list[Tensor]:
+    """Gradients with zeros for the parameters a loss does not reach (optionally cut from their graphs)."""
+    return [torch.zeros_like(p) if g is None else (g.detach() if detach else g) for g, p in zip(grads, theta.values())]
 
 
 def _accumulate(total: list[Tensor], grads) -> None:
@@ -243,7 +244,7 @@ class MetaPhase:
             if second and t > 0:
                 grads = self._inner_grad(theta, phi, buffers, x, y, idx)      # with a graph, for the double backward
                 records.append((theta, grads))
-                step = _dense([None if g is None else g.detach() for g in grads], theta)
+                step = _dense(grads, theta, detach=True)
             else:
                 records.append(self._record_inner(theta, phi, buffers, x, y, idx))
                 step = records[-1].grads
@@ -251,7 +252,7 @@ class MetaPhase:
             theta = {n: p.detach().requires_grad_(True) for n, p in theta.items()}
         records.append((theta, torch.autograd.grad(self._loss(theta, phi, buffers, x, y, idx, "outer"),
                                                     list(theta.values()), create_graph=second, allow_unused=True)))
-        step = _dense([None if g is None else g.detach() for g in records[-1][1]], theta)
+        step = _dense(records[-1][1], theta, detach=True)
         theta, bufs = self._sgd({n: p.detach() for n, p in theta.items()}, bufs, step, lr)
         theta = {n: p.detach().requires_grad_(True) for n, p in theta.items()}
         outer = self._loss(theta, phi, buffers, x, y, idx, "outer")

@@ -140,12 +140,15 @@ def inbatch_rows_reference(E: Tensor, labels: Tensor, ce_u: Tensor, ce_v: Tensor
 
 def _split(S: Tensor, student_out: list | None) -> tuple[Tensor, Tensor]:
     """(student, teacher) views of the logits: the same tensor normally (the teacher is detached in `kl_rows`), or
-    two separate graph nodes, the student one handed out, for the meta phase."""
+    two separate graph nodes, the student one handed out, for the meta phase (and the teacher one too, when
+    `student_out` has a `teachers` list: the meta phase's transpose correction, fastmcl/meta.py)."""
     if student_out is None:
         return S, S
-    student = S.clone()
+    student, teacher = S.clone(), S.clone()
     student_out.append(student)
-    return student, S.clone()
+    if getattr(student_out, "teachers", None) is not None:
+        student_out.teachers.append(teacher)
+    return student, teacher
 
 
 def _no_split(student_out: list | None) -> None:

@@ -119,11 +119,11 @@ def _flat(tensors):
 @pytest.mark.parametrize("autocast", [False, True], ids=["one-sided", "central"])
 @pytest.mark.parametrize("mode", ["second-order", "first-order"])
 @pytest.mark.parametrize("memory_bank", [False, True])
-def test_mixed_term_by_differences_matches_the_exact_one(memory_bank, mode, autocast):
-    """The default path forms the mixed term of step 0 (first-order: of every step) from differences of forwards:
-    one-sided against the recorded base point, O(h); central under autocast, where the base point is not in the
-    shifted forwards' fp32, O(h²). It equals the form differentiated through the networks (fp64; autocast leaves
-    fp64 alone, so only the scheme changes)."""
+def test_default_path_matches_the_exact_unrolled_form(memory_bank, mode, autocast):
+    """The default path takes every derivative of the networks from differences with the pieces held fixed (mixed
+    terms, and for second-order the transposed step Jacobians): one-sided against the recorded base point, O(h);
+    central under autocast, where the base point is not in the shifted evaluations' fp32, O(h²). It equals the form
+    differentiated through the networks (fp64; autocast leaves fp64 alone, so only the scheme changes)."""
     cohort, obj, x, y, idx = tiny_setup(memory_bank=memory_bank)
     lr = 0.5
     exact = _flat(MetaPhase(cohort, obj, None, mode=mode, fd_step=None).hypergradient(x, y, idx, lr)[0])
@@ -140,3 +140,35 @@ def test_bad_fd_step():
     cohort, obj, *_ = tiny_setup()
     with pytest.raises(ValueError, match="fd_step"):
         MetaPhase(cohort, obj, None, mode="first-order", fd_step=0.0)
+
+
+@pytest.mark.parametrize("memory_bank", [False, True])
+def test_inner_step_transposed_jacobian_by_differences(memory_bank):
+    """An inner step's gradient holds the KL teachers fixed, so its Jacobian J is not symmetric. The default path
+    takes Jᵀv from one shifted forward+backward (which alone gives Jv) plus the loss-tail correction; it equals the
+    double backward of ∇θ L_inner (fp64), while Jv itself is measurably different."""
+    cohort, obj, x, y, idx = tiny_setup(memory_bank=memory_bank)
+    meta = MetaPhase(cohort, obj, None, mode="second-order", fd_step=1e-7)
+    params = dict(meta.joint.named_parameters())
+    phi = {n: params[n] for n in meta.meta_names}
+    theta, buffers = meta._fresh_state()
+    torch.manual_seed(3)
+    v = [torch.randn_like(p) for p in theta.values()]
+    grads = meta._inner_grad(theta, phi, buffers, x, y, idx)
+    pairs = [(g, vv) for g, vv in zip(grads, v) if g is not None]
+    exact = torch.autograd.grad([g for g, _ in pairs], list(theta.values()), [vv for _, vv in pairs],
+                                allow_unused=True)
+    exact = _flat([torch.zeros_like(p) if e is None else e for e, p in zip(exact, theta.values())])
+    record = meta._record(theta, phi, buffers, x, y, idx, "inner")
+    hyper = [torch.zeros_like(p) for p in phi.values()]
+    jtv = _flat(meta._step_terms(record, v, phi, buffers, x, y, idx, True, hyper, with_jvp=True))
+    assert (jtv - exact).norm() / exact.norm() <= 1e-5, ((jtv - exact).norm() / exact.norm()).item()
+    assert _flat(hyper).abs().max() > 0                    # the mixed term came from the same shifted forward
+    h = 1e-7                                               # J v, by a central difference of the gradient
+    plus = meta._inner_grad({n: (p + h * vv).detach().requires_grad_(True) for (n, p), vv in zip(theta.items(), v)},
+                            phi, buffers, x, y, idx)
+    minus = meta._inner_grad({n: (p - h * vv).detach().requires_grad_(True) for (n, p), vv in zip(theta.items(), v)},
+                             phi, buffers, x, y, idx)
+    jv = _flat([torch.zeros_like(p) if a is None else (a - b).detach() / (2 * h)
+                for a, b, p in zip(plus, minus, theta.values())])
+    assert (jv - exact).norm() / exact.norm() > 1e-3, ((jv - exact).norm() / exact.norm()).item()

@@ -1,10 +1,14 @@
 """Cost of one L-MCL meta phase in regular training steps (issue: ≤ 6; the official copy-and-restore MetaSGD costs
-≈ 18 on this kind of CPU, spec/lmcl.md §4.3). Same cohort, same batch, same machine, measured in one run.
+≈ 18 on this kind of CPU, spec/lmcl.md §4.3). Same cohort, same batch, same machine, measured in one run; regular
+steps and meta phases alternate (regular, meta, regular, ...) so that a drift of the machine's speed hits both.
+The default second-order phase is 7 forwards + 6 backwards of the cohort (fastmcl/meta.py), so with a backward
+costing two forwards its floor is ≈ 6.3 regular steps; first-order is 4 forward+backward + 2 forwards (≈ 4.7).
 
     .venv/bin/python -m pytest benchmarks/bench_meta.py -s        (env: FASTMCL_BENCH_BATCH, default 128)
 """
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -15,16 +19,13 @@ from fastmcl.config import TrainConfig
 from fastmcl.trainer import Trainer
 
 BATCH = int(os.environ.get("FASTMCL_BENCH_BATCH", "128"))
-REPEATS = int(os.environ.get("FASTMCL_BENCH_REPEATS", "3"))
+REPEATS = int(os.environ.get("FASTMCL_BENCH_REPEATS", "5"))
 
 
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def _seconds(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 @pytest.mark.parametrize("mode,path", [("second-order", "default"), ("second-order", "exact"),
@@ -43,18 +44,25 @@ def test_meta_phase_cost_in_regular_steps(tmp_path, mode, path, speed):
     if fast:
         x = x.contiguous(memory_format=torch.channels_last)
     trainer.step_in_epoch = 1          # regular steps without a meta phase
-    trainer.train_step(x, y, index)     # warm-up
-    regular = _median_time(lambda: trainer.train_step(x, y, index), REPEATS)
+
+    def regular_step():
+        trainer.train_step(x, y, index)
 
     def meta_phase():
         with trainer.autocast:
             trainer.meta.step(x, y, None, lr=0.1)
 
-    meta_phase()                        # warm-up
-    meta = _median_time(meta_phase, REPEATS)
+    regular_step()                      # warm-up
+    meta_phase()
+    regulars, metas = [_seconds(regular_step)], []
+    for _ in range(REPEATS):
+        metas.append(_seconds(meta_phase))
+        regulars.append(_seconds(regular_step))
+    regular, meta = statistics.median(regulars), statistics.median(metas)
     ratio = meta / regular
     row = {"mode": mode, "path": path, "speed": speed, "batch": BATCH, "regular_step_s": round(regular, 4),
            "meta_phase_s": round(meta, 4), "meta_in_regular_steps": round(ratio, 2),
+           "regular_steps_s": [round(t, 3) for t in regulars], "meta_phases_s": [round(t, 3) for t in metas],
            "amortised_overhead_per_step_at_freq_50": round(ratio / 50, 4), "threads": torch.get_num_threads()}
     print("\n" + json.dumps(row))
     out = Path(__file__).parent / "results" / "meta.jsonl"

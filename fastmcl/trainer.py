@@ -147,7 +147,7 @@ class Trainer:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         self.autocast = (torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype is not None
                          else nullcontext())
-        # fp16 needs loss scaling; the meta phase's unrolled second-order steps run in fp32 then (no scaler there)
+        # fp16 needs loss scaling; the meta phase runs in fp32 then (no scaler inside it)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.meta_autocast = nullcontext() if cfg.amp == "fp16" else self.autocast
         self._forward = self._forward_eager

@@ -35,7 +35,8 @@ plain unrolled form; the tests check both agree, and the FD check of the hypergr
 Why the pieces are held fixed: the networks are ReLU networks, so ∇θ L jumps where a unit changes sign, and autograd's
 second derivatives are those of the network with every unit's state frozen. Free differences of gradients picked up
 the jumps (2×ResNet-32, fp32, B=32: 450× / 42× / 6× off at h = 1e-3 / 1e-2 / 1e-1); with the pieces replayed the
-hypergradient agrees with the exact unrolled form to 0.6 % at h = 1e-3 on the same cohort (fp32 roundoff of both).
+hypergradient agrees with the exact unrolled form in fp32 to 0.6 % at B=32 and 1.6 % at B=128 (cosine ≥ 0.9998)
+at h = 1e-3; h = 1e-2 gives 3.5 % / 9.5 %, h = 1e-4 5.8 % at B=32 (roundoff).
 """
 from __future__ import annotations
 

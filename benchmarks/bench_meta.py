@@ -4,7 +4,7 @@ steps and meta phases alternate (regular, meta, regular, ...) so that a drift of
 The default second-order phase is 7 forwards + 6 backwards of the cohort (fastmcl/meta.py), so with a backward
 costing two forwards its floor is ≈ 6.3 regular steps; first-order is 4 forward+backward + 2 forwards (≈ 4.7).
 
-    .venv/bin/python -m pytest benchmarks/bench_meta.py -s        (env: FASTMCL_BENCH_BATCH, default 128)
+    .venv/bin/python -m pytest benchmarks/bench_meta.py -s    (env: FASTMCL_BENCH_BATCH, default 128; FASTMCL_BENCH_REPEATS, 5)
 """
 import json
 import os

@@ -50,15 +50,16 @@ class Pieces(TorchFunctionMode):
                                "the recorded forward's path")
         return out
 
-    def _next(self, shape) -> Tensor:
+    def _next(self, fits) -> Tensor:
+        """The next recorded piece, which `fits(piece)` must accept."""
         if self._cursor >= len(self.masks):
             raise RuntimeError("the replayed forward has more piecewise-linear ops than the recorded one")
-        mask = self.masks[self._cursor]
+        piece = self.masks[self._cursor]
         self._cursor += 1
-        if mask.shape != shape:
-            raise RuntimeError(f"recorded piece of shape {tuple(mask.shape)} replayed on a tensor of shape "
-                               f"{tuple(shape)}: the forward took a different path")
-        return mask
+        if not fits(piece):
+            raise RuntimeError(f"recorded piece of shape {tuple(piece.shape)} ({piece.dtype}) does not fit the replayed "
+                               "input: the forward took a different path")
+        return piece
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -81,7 +82,8 @@ class Pieces(TorchFunctionMode):
             out = func(*args, **kwargs)
             self.masks.append(out > 0)
             return out
-        on = self._next(x.shape).view(torch.uint8)     # a multiply by uint8 is ~6x faster here than masked_fill
+        # a multiply by the mask viewed as uint8 is ~6x faster here than masked_fill
+        on = self._next(lambda m: m.dtype == torch.bool and m.shape == x.shape).view(torch.uint8)
         return x.mul_(on) if inplace else x * on
 
     def _max_pool2d(self, args, kwargs):
@@ -90,18 +92,8 @@ class Pieces(TorchFunctionMode):
             out, idx = F.max_pool2d_with_indices(*args, **{k: v for k, v in kwargs.items() if k != "return_indices"})
             self.masks.append(idx)
             return out
-        idx = self._next_pool(x)
+        idx = self._next(lambda i: i.dtype == torch.int64 and i.shape[:2] == x.shape[:2])
         return x.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
-
-    def _next_pool(self, x: Tensor) -> Tensor:
-        if self._cursor >= len(self.masks):
-            raise RuntimeError("the replayed forward has more piecewise-linear ops than the recorded one")
-        idx = self.masks[self._cursor]
-        self._cursor += 1
-        if idx.dtype != torch.int64 or idx.shape[:2] != x.shape[:2]:
-            raise RuntimeError("recorded max-pool winners do not fit the replayed input: the forward took a different "
-                               "path")
-        return idx
 
     def _dropout(self, args, kwargs):
         x = args[0]
@@ -113,5 +105,5 @@ class Pieces(TorchFunctionMode):
             scale = torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
             self.masks.append(scale)
         else:
-            scale = self._next(x.shape)
+            scale = self._next(lambda m: m.is_floating_point() and m.shape == x.shape)
         return x * scale

@@ -41,6 +41,7 @@ at h = 1e-3; h = 1e-2 gives 3.5 % / 9.5 %, h = 1e-4 5.8 % at B=32 (roundoff).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +59,14 @@ class _Capture(list):
     def __init__(self):
         super().__init__()
         self.teachers: list[Tensor] = []
+
+
+class _Point(NamedTuple):
+    """A shifted evaluation θ_t ± h·u of a recorded step (`MetaPhase._shifted_forward`)."""
+    theta: dict[str, Tensor]
+    loss: Tensor
+    capture: _Capture | None        # inner step: c and τ there, graph to φ (and to θ' when its gradient is wanted)
+    cut: "_Cut | None"              # set when its gradient is wanted
 
 
 @dataclass
@@ -98,12 +107,12 @@ class _Cut:
         pairs = [(o, g) for o, g in zip(self.outputs, first[len(params):]) if g is not None]
         second = torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs], allow_unused=True) \
             if pairs else [None] * len(params)
-        return _dense([a if b is None else (b if a is None else a + b) for a, b in zip(first, second)], theta)
+        return _dense([a if b is None else (b if a is None else a + b) for a, b in zip(first, second)], params)
 
 
-def _dense(grads, theta: dict[str, Tensor], detach: bool = False) -> list[Tensor]:
-    """Gradients with zeros for the parameters a loss does not reach (optionally cut from their graphs)."""
-    return [torch.zeros_like(p) if g is None else (g.detach() if detach else g) for g, p in zip(grads, theta.values())]
+def _dense(grads, like) -> list[Tensor]:
+    """Gradients with zeros for the inputs (`like`, in order) a loss does not reach."""
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like)]
 
 
 def _accumulate(total: list[Tensor], grads) -> None:
@@ -263,9 +272,8 @@ class MetaPhase:
         return _Base(theta_detached, grads, pieces, capture, tuple((k, q[k]) for k in used),
                      tuple((k, g) for k, g in enumerate(q_teacher) if g is not None))
 
-    def _shifted_forward(self, base: _Base, step: list[Tensor], phi, buffers, x, y, idx, with_grads: bool):
-        """An fp32 forward at θ_t + step with the base point's pieces replayed: (θ', loss, captured tensors with a
-        graph to φ, and to θ' with `with_grads`)."""
+    def _shifted_forward(self, base: _Base, step: list[Tensor], phi, buffers, x, y, idx, with_grads: bool) -> _Point:
+        """An fp32 forward at θ_t + step with the base point's pieces replayed."""
         theta = {n: p + s for (n, p), s in zip(base.theta.items(), step)}
         if with_grads:
             theta = {n: p.requires_grad_(True) for n, p in theta.items()}
@@ -274,19 +282,19 @@ class MetaPhase:
         with torch.autocast(x.device.type, enabled=False), base.pieces.replay():
             loss = self._loss(theta, phi, buffers, x, y, idx, "inner" if capture is not None else "outer", capture,
                               cut)
-        return theta, loss, capture, cut
+        return _Point(theta, loss, capture, cut)
 
-    def _shifted_grads(self, base: _Base, theta, loss, capture, cut, sign: float, r_c, r_t) -> list[Tensor]:
+    def _shifted_grads(self, base: _Base, point: _Point, sign: float, r_c, r_t) -> list[Tensor]:
         """g at a shifted point θ_t ± h·u, as at the base point, plus the transpose correction ∓h(J_cᵀ r_c − J_τᵀ r_τ)
         folded into the same backward (r = loss-tail second derivatives along the differences; see _step_terms)."""
-        if capture is None:
-            return cut.grads([loss], None, theta, retain_tail=False)
-        outs = [capture[k] for k, _ in base.tail] + [capture.teachers[k] for k, _ in base.teacher_tail]
-        q = torch.autograd.grad(loss, outs[:len(base.tail)], retain_graph=True)
+        if point.capture is None:
+            return point.cut.grads([point.loss], None, point.theta, retain_tail=False)
+        students = [point.capture[k] for k, _ in base.tail]
+        teachers = [point.capture.teachers[k] for k, _ in base.teacher_tail]
+        q = torch.autograd.grad(point.loss, students, retain_graph=True)
         h = sign * self.fd_step
-        teachers = outs[len(base.tail):]
         cot = [qk - h * r.to(qk.dtype) for qk, r in zip(q, r_c)] + [h * r.to(t.dtype) for t, r in zip(teachers, r_t)]
-        return cut.grads(outs, cot, theta, retain_tail=False)
+        return point.cut.grads(students + teachers, cot, point.theta, retain_tail=False)
 
     def _step_terms(self, base: _Base, v: list[Tensor], phi, buffers, x, y, idx, one_sided: bool, hyper,
                     with_jvp: bool) -> list[Tensor] | None:
@@ -305,31 +313,31 @@ class MetaPhase:
         if norm == 0.0:
             return [torch.zeros_like(vv) for vv in v] if with_jvp else None
         h = self.fd_step
-        points = [self._shifted_forward(base, [h * uu for uu in u], phi, buffers, x, y, idx, with_jvp)]
-        if not one_sided:
-            points.append(self._shifted_forward(base, [-h * uu for uu in u], phi, buffers, x, y, idx, with_jvp))
-        ref = base.capture if one_sided else points[1][2]
+        plus = self._shifted_forward(base, [h * uu for uu in u], phi, buffers, x, y, idx, with_jvp)
+        minus = None if one_sided else self._shifted_forward(base, [-h * uu for uu in u], phi, buffers, x, y, idx,
+                                                             with_jvp)
+        ref = base.capture if one_sided else minus.capture
         coef = 1.0 / h if one_sided else 1.0 / (2 * h)
+        r_c = r_t = ()
         if base.tail:
-            plus = points[0][2]
-            d_c = [(plus[k] - ref[k]).to(q.dtype) * coef for k, q in base.tail]    # J_c u, graph to φ
-            _accumulate(hyper, torch.autograd.grad(sum((q * d).sum() for (_, q), d in zip(base.tail, d_c)) * norm,
-                                                   list(phi.values()), retain_graph=with_jvp, allow_unused=True))
+            phi_list = list(phi.values())
+            t_nodes = [base.capture.teachers[k] for k, _ in base.teacher_tail] if with_jvp else []
+            d_c = [(plus.capture[k] - ref[k]).to(q.dtype) * coef for k, q in base.tail]    # J_c u, graph to φ
+            # ⟨q, J_c u⟩: its φ-gradient is the mixed term, its τ-gradient L_τc J_c u (d_c does not depend on τ)
+            out = torch.autograd.grad(sum((q * d).sum() for (_, q), d in zip(base.tail, d_c)), phi_list + t_nodes,
+                                      retain_graph=with_jvp, allow_unused=True)
+            _accumulate(hyper, [None if g is None else g * norm for g in out[:len(phi_list)]])
+            if with_jvp:
+                r_t = _dense(out[len(phi_list):], t_nodes)
+                d_t = [((plus.capture.teachers[k] - ref.teachers[k]) * coef).detach().to(g.dtype)
+                       for k, g in base.teacher_tail]                                        # J_τ u
+                c_nodes = [base.capture[k] for k, _ in base.tail]
+                r_c = _dense(torch.autograd.grad(sum((g * d).sum() for (_, g), d in zip(base.teacher_tail, d_t)),
+                                                 c_nodes, allow_unused=True), c_nodes)        # L_cτ J_τ u
         if not with_jvp:
             return None
-        r_c, r_t = [], []
-        if base.tail:
-            plus = points[0][2]
-            d_c = [d.detach() for d in d_c]
-            d_t = [((plus.teachers[k] - ref.teachers[k]) * coef).detach().to(g.dtype) for k, g in base.teacher_tail]
-            c_nodes = [base.capture[k] for k, _ in base.tail]
-            t_nodes = [base.capture.teachers[k] for k, _ in base.teacher_tail]
-            r_t = _dense(torch.autograd.grad(sum((q * d).sum() for (_, q), d in zip(base.tail, d_c)), t_nodes,
-                                             retain_graph=True, allow_unused=True), dict(enumerate(t_nodes)))
-            r_c = _dense(torch.autograd.grad(sum((g * d).sum() for (_, g), d in zip(base.teacher_tail, d_t)), c_nodes,
-                                             retain_graph=True, allow_unused=True), dict(enumerate(c_nodes)))
-        g_plus = self._shifted_grads(base, *points[0], 1.0, r_c, r_t)
-        g_ref = base.grads if one_sided else self._shifted_grads(base, *points[1], -1.0, r_c, r_t)
+        g_plus = self._shifted_grads(base, plus, 1.0, r_c, r_t)
+        g_ref = base.grads if one_sided else self._shifted_grads(base, minus, -1.0, r_c, r_t)
         return [(gp - gr.to(gp.dtype)) * (coef * norm) for gp, gr in zip(g_plus, g_ref)]
 
     def _reverse_sweep(self, theta, phi, buffers, x, y, idx, lr) -> tuple[list[Tensor], Tensor]:
@@ -341,13 +349,13 @@ class MetaPhase:
         second = self.mode == "second-order"
         one_sided = not torch.is_autocast_enabled(x.device.type)
         bufs: dict[str, Tensor] = {}
-        records: list = []
+        records: list[_Base | None] = []
         for kind in ["inner"] * self.inner_steps + ["outer"]:
             records.append(self._record(theta, phi, buffers, x, y, idx, kind))
-            theta, bufs = self._sgd(records[-1].theta, bufs, records[-1].grads, lr)
-            theta = {n: p.detach().requires_grad_(True) for n, p in theta.items()}
+            theta, bufs = self._sgd(records[-1].theta, bufs, records[-1].grads, lr)     # no graph: new leaves
+            theta = {n: p.requires_grad_(True) for n, p in theta.items()}
         outer = self._loss(theta, phi, buffers, x, y, idx, "outer")
-        theta_bar = _dense(torch.autograd.grad(outer, list(theta.values()), allow_unused=True), theta)
+        theta_bar = _dense(torch.autograd.grad(outer, list(theta.values()), allow_unused=True), theta.values())
         hyper = [torch.zeros_like(p) for p in phi.values()]
         b_bar = None
         for t in reversed(range(self.inner_steps + 1)):

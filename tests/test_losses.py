@@ -107,7 +107,6 @@ def test_bank_gradcheck_bank_gets_no_grad():
     assert bank_a.grad is None
 
 
-
 @pytest.mark.parametrize("k_chunk", [None, 4, 64])
 def test_bank_logits_all_gradients_plain_and_streamed(k_chunk):
     """The hand-written backward of `bank_logits_all` (K = 11: ragged last chunk at k_chunk=4), and its double backward
@@ -138,6 +137,7 @@ def test_bank_rows_hand_written_backward_matches_autograd():
     (dg,) = torch.autograd.grad(sum((a * u).sum() for a, u in zip(got, upstream)), L)
     (dw,) = torch.autograd.grad(sum((b * u).sum() for b, u in zip(want, upstream)), L)
     assert torch.allclose(dg, dw, rtol=1e-12, atol=1e-12)
+
 
 def _student_only(S_s, S_t, T):
     return (T * T) * (F.softmax(S_t / T, 1) * (F.log_softmax(S_t / T, 1) - F.log_softmax(S_s / T, 1))).sum(1).mean()

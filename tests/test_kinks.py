@@ -75,7 +75,7 @@ def test_replay_at_the_same_point_is_bit_identical_and_reusable():
     pieces = Pieces()
     with pieces:
         ref = net(x)
-    assert len(pieces.masks) == 4              # relu, max-pool winners, dropout, relu
+    assert len(pieces.pieces) == 4             # relu, max-pool winners, dropout, relu
     for _ in range(2):
         with pieces.replay():
             assert torch.equal(net(x), ref)
@@ -118,3 +118,33 @@ def test_unrecorded_piecewise_ops_are_refused():
     with pytest.raises(NotImplementedError, match="leaky_relu"):
         with Pieces():
             F.leaky_relu(torch.randn(3))
+
+
+def test_a_piece_of_another_kind_is_refused():
+    x = torch.randn(1, 1, 4, 4)
+    pieces = Pieces()
+    with pieces:
+        F.relu(x)
+    with pytest.raises(RuntimeError, match="relu .* does not fit the replayed max_pool"):
+        with pieces.replay():
+            F.max_pool2d(x, 2)
+
+
+def test_replayed_relu_keeps_the_in_place_contract_and_its_gradient_is_the_mask():
+    torch.manual_seed(2)
+    x = torch.randn(6, 5)
+    pieces = Pieces()
+    with pieces:
+        F.relu(x.clone(), inplace=True)
+        F.relu(x)
+    on = x > 0
+    shifted = (x + 0.3).requires_grad_(True)
+    work = shifted * 1.0                       # a non-leaf, as inside a network
+    with pieces.replay():
+        out = F.relu(work, inplace=True)
+        copy = F.relu(work)
+    assert out is work                          # written into its input, like the op it replays
+    assert torch.equal(out, torch.where(on, shifted.detach(), 0.0))
+    assert torch.equal(copy, out)
+    (out * 2 + copy).sum().backward()
+    assert torch.equal(shifted.grad, on.float() * 3)

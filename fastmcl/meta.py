@@ -40,6 +40,7 @@ at h = 1e-3; h = 1e-2 gives 3.5 % / 9.5 %, h = 1e-4 5.8 % at B=32 (roundoff).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -51,6 +52,33 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .kinks import Pieces
 
 META_MODES = ("second-order", "first-order", "off")
+
+# every backend's fp32 math mode (torch >= 2.9 API); "" is the global default the others fall back to
+_FP32_PRECISION_SCOPES = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.conv",
+                          "mkldnn.matmul", "mkldnn.rnn")
+
+
+@contextmanager
+def ieee_fp32():
+    """fp32 convolutions and matmuls in full IEEE precision, the settings restored after. The meta phase's
+    differences at h = 1e-3 along a unit direction over ~10⁶ parameters resolve relative changes of ~1e-6 in the
+    activations; TF32, which cuDNN uses for fp32 convolutions by default on Ampere and later GPUs, rounds their
+    inputs to 10 mantissa bits (~5e-4) and would bury them, as would oneDNN's bf16/tf32 fp32-math modes on CPUs
+    that have them (`torch.set_float32_matmul_precision("high")` turns those on)."""
+    scopes = [torch.backends]
+    for name in _FP32_PRECISION_SCOPES[1:]:
+        scope = torch.backends
+        for part in name.split("."):
+            scope = getattr(scope, part)
+        scopes.append(scope)
+    saved = [scope.fp32_precision for scope in scopes]
+    try:
+        for scope in scopes:
+            scope.fp32_precision = "ieee"
+        yield
+    finally:
+        for scope, value in zip(scopes, saved):
+            scope.fp32_precision = value
 
 
 class _Capture(list):
@@ -215,7 +243,8 @@ class MetaPhase:
         phi = {n: params[n] for n in self.meta_names}
         theta, buffers = self._fresh_state()
         if self.fd_step is not None:
-            return self._reverse_sweep(theta, phi, buffers, x, y, contrast_idx, lr)
+            with ieee_fp32():
+                return self._reverse_sweep(theta, phi, buffers, x, y, contrast_idx, lr)
         second = self.mode == "second-order"
         bufs: dict[str, Tensor] = {}
         mixed = []                                     # first-order: the ∇θ L_inner(θ_t, φ) with graphs to φ

@@ -214,3 +214,16 @@ def test_difference_path_on_cuda_with_torchs_default_tf32_matches_the_exact_form
             exact = _flat(MetaPhase(cohort, obj, None, mode=mode, fd_step=None).hypergradient(x, y, idx, 0.5)[0])
         diff = _flat(MetaPhase(cohort, obj, None, mode=mode).hypergradient(x, y, idx, 0.5)[0])
         assert ((diff - exact).norm() / exact.norm()).item() <= 2e-2
+
+
+def test_meta_derivatives_flag_picks_the_path(tmp_path, capsys):
+    from fastmcl.config import TrainConfig
+    from fastmcl.train import main
+    from fastmcl.trainer import Trainer
+    for choice, fd_step in (("differences", 1e-3), ("autograd", None)):
+        cfg = TrainConfig(data="synthetic", num_classes=4, synthetic_samples=16, image_size=16, batch_size=8,
+                          arch=["resnet32", "resnet32"], method="lmcl", meta_derivatives=choice,
+                          out=str(tmp_path / choice), progress=False, workers=0)
+        assert Trainer(cfg).meta.fd_step == fd_step
+    rc = main(["--data", "synthetic", "--meta-derivatives", "hessian", "--out", str(tmp_path / "r"), "--no-progress"])
+    assert rc == 2 and "--meta-derivatives: must be differences or autograd" in capsys.readouterr().err

@@ -31,9 +31,10 @@ _UNSUPPORTED = {F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.featur
 
 
 class _HeldRelu(torch.autograd.Function):
-    """ReLU with a recorded on/off pattern: x where the mask is set, else 0, forward and backward in one pass each
-    (aten's threshold_backward reading the bool mask as uint8). A plain multiply by the uint8 mask cost a dtype
-    conversion copy per call, forward and backward, ~2x the ReLU itself here."""
+    """ReLU with a recorded on/off pattern: x where the mask is set, else 0, forward and backward one aten op each
+    (threshold_backward reading the bool mask as uint8). Against `x.mul_(mask)` and its MulBackward this measured
+    19.7 → 18.2 s per B=128 phase here (paired runs); on CPU aten still converts the uint8 mask to float inside the op
+    (≈ 0.3 s per phase), which a float mask would avoid at 4× the memory."""
 
     @staticmethod
     def forward(ctx, x: Tensor, on: Tensor, inplace: bool) -> Tensor:
@@ -117,8 +118,8 @@ class Pieces(TorchFunctionMode):
             self._record("relu", out > 0)
             return out
         on = self._next("relu", lambda m: m.dtype == torch.bool and m.shape == x.shape)
-        # in place only where autograd allows it (not on a leaf that requires grad)
-        return _HeldRelu.apply(x, on, inplace and not (x.is_leaf and x.requires_grad))
+        # in place, like the op it replays, except where autograd forbids it (a leaf that requires grad, with grad on)
+        return _HeldRelu.apply(x, on, inplace and not (x.is_leaf and x.requires_grad and torch.is_grad_enabled()))
 
     def _max_pool2d(self, args, kwargs):
         x = args[0]

@@ -148,3 +148,14 @@ def test_replayed_relu_keeps_the_in_place_contract_and_its_gradient_is_the_mask(
     assert torch.equal(copy, out)
     (out * 2 + copy).sum().backward()
     assert torch.equal(shifted.grad, on.float() * 3)
+
+
+def test_replayed_in_place_relu_on_a_leaf_under_no_grad_stays_in_place():
+    leaf = torch.randn(4, requires_grad=True)
+    pieces = Pieces()
+    with pieces, torch.no_grad():
+        F.relu(leaf.detach().clone(), inplace=True)
+    expected = leaf.detach().clamp(min=0)
+    with pieces.replay(), torch.no_grad():
+        out = F.relu(leaf, inplace=True)           # torch.relu_ writes into a leaf under no_grad
+    assert torch.equal(leaf.detach(), expected) and torch.equal(out, expected)

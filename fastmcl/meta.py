@@ -61,7 +61,7 @@ _FP32_PRECISION_SCOPES = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn",
 @contextmanager
 def ieee_fp32():
     """fp32 convolutions and matmuls in full IEEE precision, the settings restored after. The meta phase's
-    differences at h = 1e-3 along a unit direction over ~10⁶ parameters resolve relative changes of ~1e-6 in the
+    differences at h = 1e-3 along a unit direction over ~10⁶ parameters resolve relative changes of ~1e-5 in the
     activations; TF32, which cuDNN uses for fp32 convolutions by default on Ampere and later GPUs, rounds their
     inputs to 10 mantissa bits (~5e-4) and would bury them, as would oneDNN's bf16/tf32 fp32-math modes on CPUs
     that have them (`torch.set_float32_matmul_precision("high")` turns those on)."""

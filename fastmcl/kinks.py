@@ -53,7 +53,7 @@ class _HeldRelu(torch.autograd.Function):
 
 
 class _Piece(NamedTuple):
-    kind: str           # "relu" (bool on/off mask), "max_pool" (winner indices), "dropout" (the scale x is multiplied by)
+    kind: str           # "relu" (bool on/off mask), "max_pool" (winner indices), "dropout" (x's scale)
     tensor: Tensor
 
 

@@ -27,9 +27,9 @@ u = v/‖v‖ with step `fd_step` h = 1e-3, the pieces replayed:
     the KL teachers τ fixed, so J_t = S + J_cᵀ L_cτ J_τ is not symmetric, and Jᵀv = Jv − J_cᵀ L_cτ J_τ v +
     J_τᵀ L_τc J_c v is completed in the same backward from loss-tail double backwards (`_step_terms`).
 So a second-order phase is 7 forwards + 6 backwards of the cohort (4 recorded steps, 2 shifted forward+backward, one
-shifted forward for step 0's mixed term); first-order is 4 forward+backward + one shifted forward per inner step. Differences are one-sided
-against the recorded base point when the phase runs in fp32 (O(h)), central under autocast (two fp32 evaluations,
-O(h²)), because the recorded step is bf16 there. `fd_step=None` differentiates through the networks everywhere (the
+shifted forward for step 0's mixed term); first-order is 4 forward+backward + one shifted forward per inner step.
+Differences are one-sided against the recorded base point when the phase runs in fp32 (O(h)), central under
+autocast (two fp32 evaluations, O(h²)), because the recorded step is bf16 there. `fd_step=None` differentiates through the networks everywhere (the
 plain unrolled form; the tests check both agree, and the FD check of the hypergradient holds for both).
 
 Why the pieces are held fixed: the networks are ReLU networks, so ∇θ L jumps where a unit changes sign, and autograd's
@@ -40,8 +40,9 @@ at h = 1e-3; h = 1e-2 gives 3.5 % / 9.5 %, h = 1e-4 5.8 % at B=32 (roundoff).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import NamedTuple
 
 import torch
@@ -52,9 +53,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .kinks import Pieces
 
 META_MODES = ("second-order", "first-order", "off")
+FD_STEP = 1e-3      # the difference path's step h along a unit direction (`--meta-derivatives differences`)
 
-# every backend's fp32 math mode (torch >= 2.9 API); "" is the global default the others fall back to
-_FP32_PRECISION_SCOPES = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.conv",
+# the backends whose fp32 math mode (torch >= 2.9 API) `ieee_fp32` pins, after torch.backends' global default
+_FP32_PRECISION_SCOPES = ("cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.conv",
                           "mkldnn.matmul", "mkldnn.rnn")
 
 
@@ -65,12 +67,7 @@ def ieee_fp32():
     activations; TF32, which cuDNN uses for fp32 convolutions by default on Ampere and later GPUs, rounds their
     inputs to 10 mantissa bits (~5e-4) and would bury them, as would oneDNN's bf16/tf32 fp32-math modes on CPUs
     that have them (`torch.set_float32_matmul_precision("high")` turns those on)."""
-    scopes = [torch.backends]
-    for name in _FP32_PRECISION_SCOPES[1:]:
-        scope = torch.backends
-        for part in name.split("."):
-            scope = getattr(scope, part)
-        scopes.append(scope)
+    scopes = [torch.backends] + [attrgetter(name)(torch.backends) for name in _FP32_PRECISION_SCOPES]
     saved = [scope.fp32_precision for scope in scopes]
     try:
         for scope in scopes:
@@ -102,7 +99,7 @@ class _Base:
     """One recorded step, for the reverse sweep."""
     theta: dict[str, Tensor]        # θ_t, detached
     grads: list[Tensor]             # g_t at θ_t, no graph
-    pieces: Pieces                  # ReLU masks etc. of its forward, replayed at the shifted points
+    pieces: Pieces | None           # ReLU masks etc. of its forward, replayed at the shifted points (None: never)
     capture: _Capture | None = None  # inner step: c(θ_t) and the teachers τ(θ_t), with their loss-tail graphs
     tail: tuple = ()                # inner step: (k, q_k = ∂L/∂c_k) with a graph to φ and τ
     teacher_tail: tuple = ()        # inner step: (k, ∂L/∂τ_k) with a graph to c
@@ -182,7 +179,7 @@ class MetaResult:
 class MetaPhase:
     def __init__(self, cohort: nn.Module, objective: nn.Module, meta_optimizer: torch.optim.Optimizer | None, *,
                  inner_steps: int = 2, mode: str = "second-order", momentum: float = 0.9,
-                 weight_decay: float = 5e-4, reduce_grads=None, fd_step: float | None = 1e-3):
+                 weight_decay: float = 5e-4, reduce_grads=None, fd_step: float | None = FD_STEP):
         if mode not in META_MODES:
             raise ValueError(f"meta mode must be one of {', '.join(META_MODES)}, got {mode!r}")
         if inner_steps < 1:
@@ -276,22 +273,22 @@ class MetaPhase:
                 surrogate = surrogate - c_t * sum((g * vv).sum() for g, vv in zip(g_t, v)
                                                   if g is not None and vv is not None)
             hyper = torch.autograd.grad(surrogate, phi_list, allow_unused=True)
-        hyper = [torch.zeros_like(p) if h is None else h for p, h in zip(phi_list, hyper)]
-        return hyper, outer.detach()
+        return _dense(hyper, phi_list), outer.detach()
 
     # -- the default path: every derivative of the networks by differences with the pieces held fixed -------------
-    def _record(self, theta, phi, buffers, x, y, idx, kind: str) -> _Base:
-        """One step's base point with its piecewise-linear pieces recorded: g_t (no graph; the virtual step) and, for
-        an inner step, the loss tail (q = ∂L/∂c and ∂L/∂τ with graphs) for the mixed term and the transpose
-        correction. Inner: g_t = J_cᵀ q with the teachers fixed."""
-        pieces, cut = Pieces(), _Cut()
+    def _record(self, theta, phi, buffers, x, y, idx, kind: str, replayed: bool = True) -> _Base:
+        """One step's base point: g_t (no graph; the virtual step), its piecewise-linear pieces when the sweep will
+        replay them (`replayed`; not for the CE step in first-order, which has no shifted evaluation) and, for an
+        inner step, the loss tail (q = ∂L/∂c and ∂L/∂τ with graphs) for the mixed term and the transpose correction.
+        Inner: g_t = J_cᵀ q with the teachers fixed."""
+        pieces, cut = Pieces() if replayed else None, _Cut()
         theta_detached = {n: p.detach() for n, p in theta.items()}
         if kind != "inner":
-            with pieces:
+            with pieces or nullcontext():
                 loss = self._loss(theta, phi, buffers, x, y, idx, kind, cut=cut)
             return _Base(theta_detached, cut.grads([loss], None, theta, retain_tail=False), pieces)
         capture = _Capture()
-        with pieces:
+        with pieces or nullcontext():
             loss = self._loss(theta, phi, buffers, x, y, idx, "inner", capture, cut)
         tails = torch.autograd.grad(loss, list(capture) + capture.teachers, create_graph=True, allow_unused=True)
         q, q_teacher = tails[:len(capture)], tails[len(capture):]
@@ -372,7 +369,8 @@ class MetaPhase:
     def _reverse_sweep(self, theta, phi, buffers, x, y, idx, lr) -> tuple[list[Tensor], Tensor]:
         """The hypergradient by a reverse sweep over the recorded virtual steps. Adjoints of
         b_{t+1} = μ b_t + g_t + wd θ_t, θ_{t+1} = θ_t − lr b_{t+1}:
-            b̄_{t+1} = −lr θ̄_{t+1} + μ b̄_{t+2},  θ̄_t = θ̄_{t+1} + wd b̄_{t+1} + J_tᵀ b̄_{t+1},  φ̄ += ∂φ ⟨g_t, b̄_{t+1}⟩.
+            b̄_{t+1} = −lr θ̄_{t+1} + μ b̄_{t+2},   θ̄_t = θ̄_{t+1} + wd b̄_{t+1} + J_tᵀ b̄_{t+1},
+            φ̄ += ∂φ ⟨g_t, b̄_{t+1}⟩.
         second-order: J_tᵀ b̄ for t ≥ 1 (θ̄₀ is not needed); first-order: θ̄_t = θ̄_T. Each step costs one shifted
         forward (mixed term only) or forward+backward (with J_tᵀ b̄) on top of its recorded base point."""
         second = self.mode == "second-order"
@@ -380,7 +378,7 @@ class MetaPhase:
         bufs: dict[str, Tensor] = {}
         records: list[_Base | None] = []
         for kind in ["inner"] * self.inner_steps + ["outer"]:
-            records.append(self._record(theta, phi, buffers, x, y, idx, kind))
+            records.append(self._record(theta, phi, buffers, x, y, idx, kind, replayed=second or kind == "inner"))
             theta, bufs = self._sgd(records[-1].theta, bufs, records[-1].grads, lr)     # no graph: new leaves
             theta = {n: p.requires_grad_(True) for n, p in theta.items()}
         outer = self._loss(theta, phi, buffers, x, y, idx, "outer")

@@ -25,7 +25,7 @@ from . import distributed as dist
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
 from .data import NegativeSampler
-from .meta import MetaPhase
+from .meta import FD_STEP, MetaPhase
 from .methods import build_method, method_needs
 from .methods.weights import ContrastWeights
 from .models import build_cohort
@@ -143,7 +143,7 @@ class Trainer:
                                                   nesterov=True, weight_decay=cfg.weight_decay)
             self.meta = MetaPhase(self.cohort, self.objective, self.meta_optimizer, inner_steps=cfg.meta_inner,
                                   mode=cfg.meta_mode, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                  fd_step=1e-3 if cfg.meta_derivatives == "differences" else None,
+                                  fd_step=FD_STEP if cfg.meta_derivatives == "differences" else None,
                                   reduce_grads=dist.all_reduce_mean_grads if self.dist.enabled else None)
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         self.autocast = (torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype is not None

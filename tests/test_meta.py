@@ -4,10 +4,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmcl.meta import MetaPhase
+from fastmcl.config import TrainConfig
+from fastmcl.meta import FD_STEP, MetaPhase, ieee_fp32
 from fastmcl.methods import ContrastWeights
 from fastmcl.methods.lmcl import LMCL
 from fastmcl.models import BackboneOutput
+from fastmcl.train import main
+from fastmcl.trainer import Trainer
 
 
 class TinyNet(nn.Module):
@@ -206,7 +209,6 @@ def test_difference_path_on_cuda_with_torchs_default_tf32_matches_the_exact_form
     """fp32 on the GPU with torch's defaults (cuDNN convolutions in TF32 on Ampere+): the difference path must still
     agree with the unrolled form computed in IEEE fp32 (the same check on this CPU: ≤ 0.4 % over 3 seeds at h = 1e-3;
     differences of TF32 evaluations would be dominated by its 10-bit rounding)."""
-    from fastmcl.meta import ieee_fp32
     for seed in range(3):
         cohort, obj, x, y, idx = tiny_setup(seed)
         cohort, obj, x, y = cohort.float().cuda(), obj.float().cuda(), x.float().cuda(), y.cuda()
@@ -217,10 +219,7 @@ def test_difference_path_on_cuda_with_torchs_default_tf32_matches_the_exact_form
 
 
 def test_meta_derivatives_flag_picks_the_path(tmp_path, capsys):
-    from fastmcl.config import TrainConfig
-    from fastmcl.train import main
-    from fastmcl.trainer import Trainer
-    for choice, fd_step in (("differences", 1e-3), ("autograd", None)):
+    for choice, fd_step in (("differences", FD_STEP), ("autograd", None)):
         cfg = TrainConfig(data="synthetic", num_classes=4, synthetic_samples=16, image_size=16, batch_size=8,
                           arch=["resnet32", "resnet32"], method="lmcl", meta_derivatives=choice,
                           out=str(tmp_path / choice), progress=False, workers=0)

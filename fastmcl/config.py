@@ -72,7 +72,7 @@ class TrainConfig:
     meta_inner: int = _f(2, "method", "virtual inner steps per meta phase")
     meta_derivatives: str = _f("differences", "method", "how the meta phase takes the networks' second derivatives: "
                                "differences (of fp32 forwards/gradients at h = 1e-3 with the ReLU pieces held fixed; "
-                               "6.5 regular steps vs 11.2 on a CPU) | autograd (double backward, the plain unrolled "
+                               "6.5–7 regular steps vs ≈ 11 on a CPU) | autograd (double backward, the plain unrolled "
                                "form, in the autocast dtype: may be the faster one under --amp on a GPU)")
     rampup_epochs: int | None = _f(None, "method", "ONE/OKDDip/PCL sigmoid ramp-up of the distillation weight, "
                                                    "w = exp(-5(1-t/L)^2) (default 80; the digits demo: its epochs)")

@@ -1,35 +1,17 @@
-"""Memory-bank L-MCL objective on the reference path: naive per-pair vs deduplicated vs K-streamed (CPU, fp32).
+"""Memory-bank L-MCL objective on the reference path: naive per-pair vs deduplicated vs K-streamed (CPU, fp32,
+forward + backward; spec/lmcl.md §4.2). The setting, the measurement method and the recorded results:
+docs/losses.md "Benchmark: the bank reference".
 
-Setting (spec/lmcl.md §4.2, DESIGN.md "Kernels"): 2 networks × 4 stages, B = 32, K = 1 + pos_k + neg_k = 8194
-(pos_k = 1), D = 128, τ = 0.07, T = 3, per-pair matching weights [32, B], forward + backward w.r.t. all 8 embeddings,
-banks of ImageNet-1k size (N = 1,281,167 rows per network, 656 MB each; inputs, not part of the measured peak).
+  naive     `bank_contrastive_terms` once per ordered stage pair (32 calls, 4 kept [B, K, D] gathers each)
+  dedup     `cohort_bank_contrastive_terms(..., k_chunk=None)`: each bank gathered once, each distinct block once
+  streamed  `cohort_bank_contrastive_terms(..., k_chunk=1024 | 2048 | 4096)`: K in chunks, re-gathered in backward
 
-  (a) naive     `bank_contrastive_terms` once per ordered stage pair (`layer_pairs([4, 4])`, 32 calls), each doing
-                4 gathers [B, K, D] that autograd keeps for backward: 128 × 134 MB ≈ 16 GiB.
-  (b) dedup     `cohort_bank_contrastive_terms(..., k_chunk=None)`: each bank gathered once, each distinct logit
-                block once.
-  (c) streamed  `cohort_bank_contrastive_terms(..., k_chunk=1024)` (plus 2048 / 4096 for the chunk choice): K in chunks,
-                gathers redone in backward, only the [NE, B, K] logits kept.
-
-Method: every case runs in a FRESH subprocess (this file with `--case`), so no case inherits another's allocator
-state. The child builds its inputs, runs one warm-up step (not for naive) to pay one-time lazy initialisation,
-calls malloc_trim(0) so no freed memory stays resident, resets the kernel's RSS high-water mark (`echo 5 > /proc/self/clear_refs`,
-Linux ≥ 4.0), records the resident set (VmRSS) as the baseline, runs its FIRST step and reads VmHWM: peak = VmHWM −
-baseline = the step's own peak resident memory above its inputs (tensors the step writes are touched, so they are
-resident; measuring the first step means no allocator memory kept from an earlier step can hide part of the peak,
-and one-time lazy initialisation is counted, which only makes the small cases look worse). Wall time: median of the
-following steps (1 more for naive, 5 otherwise), perf_counter around forward + backward; the process CPU time of
-the same steps (time.process_time, all threads) is reported beside it because the development machines are shared
-(the 1-minute load average before/after each case is recorded too). Before the naive case the parent checks MemAvailable and
-refuses (says so, runs nothing smaller) when the ≈16 GiB would not fit.
-
+Every case runs in a fresh subprocess (this file with `--case`); peak = the first step's resident high-water mark
+above its inputs, time = median of the following steps.
 Run: `.venv/bin/python -m pytest benchmarks/bench_bank_reference.py --benchmark-only -s` (or `make bench`, or
-`python benchmarks/bench_bank_reference.py`). Writes the table to stdout and to benchmarks/results/bank_reference.json.
-While iterating: `python benchmarks/bench_bank_reference.py --cases dedup,streamed_1024 --reuse-naive` runs only those
-cases and takes the naive row from the recorded JSON (≈90 s and 17 GB saved); it prints the table and writes nothing,
-the record comes only from a full run.
-Targets (the issue's must-show): dedup ≥ 40× less peak memory and ≥ 30× faster than naive; streamed ≥ 100× less
-peak memory than naive.
+`python benchmarks/bench_bank_reference.py`), which writes benchmarks/results/bank_reference.json.
+`--cases dedup,streamed_1024 --reuse-naive` runs only those cases with the naive row from the recorded JSON and
+writes nothing.
 """
 from __future__ import annotations
 
@@ -102,10 +84,9 @@ def _run_case(case: str) -> dict:
         loss.backward()
         return loss.detach(), torch.stack([e.grad for e in embs])
 
-    # Memory: one warm-up step pays one-time lazy initialisation (thread pools, library workspaces: ~350 MB on the
-    # first step here); malloc_trim then hands every freed page back to the OS, so memory retained by the allocator
-    # cannot hide part of the measured step's peak (naive: skipped, its 16 GiB would not fit twice comfortably and
-    # lazy initialisation is < 3 % of it).
+    # Memory: one warm-up step pays one-time lazy initialisation (thread pools, library workspaces); malloc_trim then
+    # hands every freed page back to the OS, so memory retained by the allocator cannot hide part of the measured
+    # step's peak (naive: skipped, its 16 GiB would not fit twice and lazy initialisation is a small part of it).
     if case != "naive":
         step()
     ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -1,12 +1,9 @@
-"""Cost of one L-MCL meta phase in regular training steps (issue: ≤ 6; the official copy-and-restore MetaSGD costs
-≈ 18 on this kind of CPU, spec/lmcl.md §4.3). Same cohort, same batch, same machine, measured in one run; regular
-steps and meta phases alternate (regular, meta, regular, ...) so that a drift of the machine's speed hits both.
-The default second-order phase is 7 forwards + 6 backwards of the cohort (fastmcl/meta.py): 6 gradient evaluations
-and one forward, each needing the one before, against one forward+backward for a regular step, so 6 + F/(F+B)
-regular steps at equal cost per pass (≈ 6.3 with a backward costing two forwards); first-order is 4 forward+backward
-+ 2 forwards (≈ 4.7). `exact` is `--meta-derivatives autograd`.
+"""Cost of one L-MCL meta phase in regular training steps of the same cohort and batch (spec/lmcl.md §4.3; expected
+cost and recorded figures: docs/meta_phase.md "Cost"). Regular steps and meta phases alternate (regular, meta,
+regular, ...) so that a drift of the machine's speed hits both. `exact` is `--meta-derivatives autograd`.
 
-    .venv/bin/python -m pytest benchmarks/bench_meta.py -s    (env: FASTMCL_BENCH_BATCH, default 128; FASTMCL_BENCH_REPEATS, 5)
+    .venv/bin/python -m pytest benchmarks/bench_meta.py -s
+    (env: FASTMCL_BENCH_BATCH, default 128; FASTMCL_BENCH_REPEATS, default 5)
 """
 import json
 import os

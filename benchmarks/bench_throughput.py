@@ -29,7 +29,7 @@ import torch
 from fastmcl.config import TrainConfig
 from fastmcl.losses import cross_entropy
 from fastmcl.meta import MetaPhase
-from fastmcl.trainer import Trainer
+from fastmcl.build import build_trainer
 
 ROUNDS = int(os.environ.get("FASTMCL_BENCH_ROUNDS", "3"))
 CASES = os.environ.get("FASTMCL_BENCH_CASES", "cifar,imagenet").split(",")
@@ -66,7 +66,7 @@ def _median(fn, rounds: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _backbone_step(trainer: Trainer):
+def _backbone_step(trainer):
     """The yardstick: the same cohort, Σ CE over all its classifiers, one SGD step (the trainer's optimizer kind),
     the same autocast / channels_last / compile."""
     cohort = trainer.cohort
@@ -107,7 +107,7 @@ SELECTED = os.environ.get("FASTMCL_BENCH_SPEEDS")
 def test_throughput(benchmark, tmp_path, case, speed):
     cfg = TrainConfig(data="synthetic", method="lmcl", out=str(tmp_path), progress=False, workers=0,
                       **CASE_CONFIGS[case], **SPEEDS[speed])
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     x, y, index = next(iter(trainer.data.train_batches(0)))
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

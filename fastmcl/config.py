@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-
-#: every --method (fastmcl.methods.METHODS; kept here so the config imports nothing of the package)
-METHOD_NAMES = ("dml", "one", "okddip", "kdcl", "clilr", "pcl", "mcl", "lmcl")
-
 
 def _f(default, group: str, help: str, **kw):
     if isinstance(default, list):
@@ -51,7 +48,7 @@ class TrainConfig:
                                            "the method's, 2; ONE/CL-ILR/PCL 3, OKDDip 4)")
     shared_stem: bool = _f(False, "model", "MCL x n 'branched' variant: members share stem + layer1 (spec Q3)")
     # method
-    method: str = _f("lmcl", "method", "dml | one | okddip | kdcl | clilr | pcl | mcl | lmcl")
+    method: str = _f("lmcl", "method", "the training method (the table in the README)")
     memory_bank: bool | None = _f(None, "method", "memory-bank contrast (spec §1.3); default on for ImageNet-style data "
                                                   "at >= 64 px, off for CIFAR-style 32 px data")
     tau: float | None = _f(None, "method", "contrastive temperature (0.1 in-batch, 0.07 bank)")
@@ -71,9 +68,8 @@ class TrainConfig:
                                                "(default 50 CIFAR-style, 500 ImageNet-style)")
     meta_inner: int = _f(2, "method", "virtual inner steps per meta phase")
     meta_derivatives: str = _f("differences", "method", "how the meta phase takes the networks' second derivatives: "
-                               "differences (of fp32 forwards/gradients at h = 1e-3 with the ReLU pieces held fixed; "
-                               "6.5–7 regular steps vs ≈ 11 on a CPU) | autograd (double backward, the plain unrolled "
-                               "form, in the autocast dtype: may be the faster one under --amp on a GPU)")
+                               "differences (of fp32 forwards and gradients with the ReLU pieces held fixed) | autograd "
+                               "(double backward, the plain unrolled form, in the autocast dtype)")
     rampup_epochs: int | None = _f(None, "method", "ONE/OKDDip/PCL sigmoid ramp-up of the distillation weight, "
                                                    "w = exp(-5(1-t/L)^2) (default 80; the digits demo: its epochs)")
     ema_alpha: float = _f(0.999, "method", "PCL temporal mean: alpha_max of the EMA update")
@@ -104,23 +100,28 @@ class TrainConfig:
     compile_backend: str = _f("inductor", "speed", "torch.compile backend (inductor; aot_eager for quick checks)")
     sync_bn: bool = _f(False, "speed", "under torchrun: synchronised BatchNorm over all processes")
     # run
-    out: str = _f("runs/latest", "run", "run directory")
+    out: str = _f("", "run", "run directory (default: a new runs/<date-time>-<method>-<arch>/, with runs/latest "
+                             "pointing at it); an existing folder must be empty unless --resume or --overwrite")
+    overwrite: bool = _f(False, "run", "let --out replace the fastmcl files of an earlier run in that folder")
     seed: int = _f(0, "run", "random seed")
     deterministic: bool = _f(False, "run", "deterministic algorithms, no workers' nondeterminism")
     log_every: int = _f(10, "run", "write a train event every N steps")
     ckpt_every: int = _f(0, "run", "also checkpoint every N steps (0: only at epoch ends)")
-    resume: str = _f("", "run", "continue the run in this directory from checkpoints/last.pt")
+    resume: str = _f("", "run", "continue a run: its folder (from checkpoints/last.pt) or a checkpoint file")
     progress: bool = _f(True, "run", "tqdm progress bar")
 
     # -- resolution --------------------------------------------------------------------------------------------------
-    def resolve(self, *, cifar_style: bool, demo: bool, default_members: int = 2) -> "TrainConfig":
-        """Fill every None from the data style and method (spec/lmcl.md §0, §3)."""
+    def resolve(self, *, cifar_style: bool, demo: bool, method_defaults: dict | None = None) -> "TrainConfig":
+        """Fill every None: first from `method_defaults` (what the method sets: memory bank, cohort size, τ and the
+        contrastive weights), then from the data style (spec/lmcl.md §0, §3)."""
         c = dataclasses.replace(self)
-        c.cohort = c.cohort or default_members
+        for name, value in (method_defaults or {}).items():
+            if getattr(c, name) is None:
+                setattr(c, name, value)
+        c.cohort = c.cohort or 2
+        c.memory_bank = bool(c.memory_bank)
         c.image_size = c.image_size or (32 if cifar_style else 224)
         c.val_resize = c.val_resize or round(c.image_size / 0.875)
-        if c.memory_bank is None:
-            c.memory_bank = (not cifar_style) and c.method in ("mcl", "lmcl")  # the contrastive methods
         # The digits demo: 1,438 images of 10 classes, so smaller batches (8 classes x 4) and more, gentler steps.
         c.epochs = c.epochs or (6 if demo else 300 if cifar_style else 100)
         c.batch_size = c.batch_size or (32 if demo else 128)
@@ -132,13 +133,6 @@ class TrainConfig:
         c.weight_decay = c.weight_decay if c.weight_decay is not None else (5e-4 if cifar_style else 1e-4)
         c.schedule = c.schedule or ("cosine" if cifar_style else "multistep")
         c.milestones = c.milestones or [30, 60, 90]
-        bank = bool(c.memory_bank)
-        c.tau = c.tau if c.tau is not None else (0.07 if bank else 0.1)
-        ab = 0.01 if (bank and c.method == "lmcl") else 0.1
-        c.alpha = ab if c.alpha is None else c.alpha
-        c.beta = ab if c.beta is None else c.beta
-        c.gamma = 1.0 if c.gamma is None else c.gamma
-        c.lam = 1.0 if c.lam is None else c.lam
         c.validate()
         return c
 
@@ -146,7 +140,6 @@ class TrainConfig:
         def need(ok: bool, name: str, msg: str):
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')}: {msg}")
-        need(self.method in METHOD_NAMES, "method", f"unknown method {self.method!r} ({', '.join(METHOD_NAMES)})")
         need(self.batch_size is None or self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.cohort is None or self.cohort >= 1, "cohort", "must be >= 1")
         need(len(self.members()) >= 2, "cohort", f"method {self.method!r} is mutual and needs at least 2 members, got "
@@ -220,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
         if base is bool:
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=meta["help"])
+        elif f.name == "method":
+            from .methods import METHODS     # the registry is the one table of names
+            g.add_argument(flag, dest=f.name, type=base, default=argparse.SUPPRESS,
+                           help=f"{meta['help']}: {', '.join(METHODS)}")
         elif meta.get("action") == "append":
             g.add_argument(flag, dest=f.name, action="append", type=base, default=argparse.SUPPRESS, help=meta["help"])
         else:
@@ -229,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """A YAML file of config fields, each value converted to its field's type (`5e-4`, which YAML reads as a
+    string, becomes a float); an unknown key or a value of the wrong type is a ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config: no such file {path}")
@@ -238,11 +237,63 @@ def load_yaml(path: str | Path) -> dict:
         raise ValueError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config: {path} must hold a mapping of config fields")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"--config: {path} has unknown key(s) {', '.join(unknown)}")
-    return data
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for key, value in data.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), hints, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"--config: {path}: unknown key {key!r}{hint}")
+        try:
+            out[key] = _convert(value, hints[key])
+        except (TypeError, ValueError):
+            raise ValueError(f"--config: {path}: {key}: expected {_type_name(hints[key])}, got {value!r}") from None
+    return out
+
+
+def _convert(value, tp):
+    """`value` as type `tp` (`int | None`, `list[str]`, `float`, `bool`, `str`); TypeError/ValueError if it is not."""
+    if value is None:
+        if type(None) in typing.get_args(tp):
+            return None
+        raise TypeError
+    base = _base_type(tp)
+    if typing.get_origin(_strip_none(tp)) is list:     # one value stands for a list of one
+        return [_scalar(v, base) for v in (value if isinstance(value, list) else [value])]
+    return _scalar(value, base)
+
+
+def _scalar(value, base: type):
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        raise TypeError
+    if base is int:
+        number = float(value)
+        if not number.is_integer():
+            raise ValueError
+        return int(number)
+    if base is float:
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise TypeError
+    return value
+
+
+def _strip_none(tp):
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _type_name(tp) -> str:
+    inner = _strip_none(tp)
+    name = f"a list of {_base_type(tp).__name__}" if typing.get_origin(inner) is list else f"{inner.__name__}"
+    return name + (" or null" if inner is not tp else "")
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

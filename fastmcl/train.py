@@ -6,7 +6,8 @@ import sys
 from . import distributed
 from .checkpoint import CheckpointError
 from .config import build_parser, load_yaml, parse_config
-from .trainer import NonFiniteLoss, Trainer, resume_config
+from .build import build_trainer, resume_config
+from .trainer import NonFiniteLoss
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {**(load_yaml(yaml_path) if yaml_path else {}), **explicit}
             overrides.pop("resume", None)
             cfg, state = resume_config(cfg.resume, overrides)
-        result = Trainer(cfg, resume_state=state).fit()
+        result = build_trainer(cfg, resume_state=state).fit()
     except NonFiniteLoss as e:
         print(f"fastmcl: error: {e}; stopped, the last good checkpoint is kept in checkpoints/last.pt",
               file=sys.stderr)
@@ -33,9 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         distributed.shutdown()      # under torchrun: leave the process group cleanly
-    if "eval" in result:
+    if "eval" in result and result["main"]:
         best = max(result["eval"].items(), key=lambda kv: kv[1][0])
-        print(f"fastmcl: done at step {result['step']}; best classifier {best[0]} top-1 {best[1][0]:.2f}%")
+        print(f"fastmcl: done at step {result['step']}; deployed {result['deployed']} top-1 "
+              f"{result['deployed_top1']:.2f}% (best classifier {best[0]} {best[1][0]:.2f}%); run {result['out']}")
     return 0
 
 

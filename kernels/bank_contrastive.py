@@ -1,326 +1,517 @@
 """Fused memory-bank contrastive rows (DESIGN.md "Kernels", fusion target 1; spec/lmcl.md §1.3, §4.2).
 
-`bank_rows(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k)` has the
-semantics, shapes and gradients of `fastmcl.losses.cohort_terms.bank_rows_reference` (the contract): E [NE, B, D],
-banks [n, N, D] (never differentiated), idx [B, K]; block (u, m) has logits L[u, m, b, k] = E[u, b] · banks[m][idx[b, k]] / τ;
-a view block drops column 0 and has `pos_k` leading positives, a cross block keeps all K columns and has 1 + pos_k.
-Returns ce [Nc, B] (leading-positive CE rows) and kl [Nk, B] (KL rows at T of student vs detached teacher), fp32.
-
-Structure
----------
-A *combo* c = u · N_PAD + m is one (embedding, bank) pair; every CE block and both sides of every KL block are combos.
-The kernel works on all C = NE_PAD · N_PAD combos of one anchor row at once:
-
-* grid = (B,): one program per anchor row b. It loads E[:, b, :] once ([NE_PAD, D_PAD], rows ≥ NE masked to 0) and
-  streams the K columns of its row in tiles of BLOCK_K. Per tile it gathers the rows banks[m, idx[b, k]] of *every*
-  bank inside the kernel (int64 offsets, masked on the ragged K edge, the padded banks and the padded D), as one
-  [N_PAD · BLOCK_K, D_PAD] operand, and computes one `tl.dot` [NE_PAD, D_PAD] × [D_PAD, N_PAD · BLOCK_K], reshaped to
-  the combo tile [C, BLOCK_K]. Nothing [B, K, D] or [blocks, B, K] ever exists in memory.
-* Column 0 (the own index) is kept apart: all online statistics run over columns k ≥ 1 (the view column set), and
-  the column-0 logit L0[c] is stored. A cross block's statistics are the view ones merged with column 0 by a stable
-  log-add-exp at the end, so one pass serves view and cross blocks without a per-combo flag.
-* Forward keeps, per combo, the online max / sum-exp at τ (CE) and at τ·T (KL), and the sum of the positive
-  columns 1..pos_k. Per KL block j it gathers (`tl.gather`, exact) the student and teacher rows of the combo tile and
-  keeps the teacher's online max / sum-exp at T and A_j = Σ_k exp(t_k − max)·(t_k − s_k), rescaled when the max
-  moves; the centred form KL = A/Z − (lse_t − lse_s) (DESIGN.md) then costs no extra pass.
-* Saved for backward: E, banks, idx, the index vectors and `stats` [3, B, C] fp32 = (lse over k ≥ 1 at τ,
-  lse over k ≥ 1 at τ·T, L0): per-row statistics only.
-* Backward (flash-attention style), grid = (B,): the per-combo coefficients are folded from the upstream gradients
-  once per row (one-hot reductions over the block lists), then each tile of logits is recomputed from E and the
-  re-gathered bank rows, and the logit gradient is built in registers:
-      G[c, k] = coef_ce[c]·exp(L − lse_τ[c]) − pos[c]·1[1 ≤ k ≤ pos_k]
-              + coef_kl[c]·exp(L/T − lse_T[c]) − (W @ exp(L/T − lse_T))[c, k]
-  (W [C, C]: the teacher-softmax weights −g_j/T of every KL block j routed from teacher combo to student combo, one
-  `tl.dot`; the teacher itself is detached), column 0 from its own closed form. dE[:, b, :] += G @ bank_rows / τ,
-  one `tl.dot` per tile; each program writes its own row of dE (no atomics).
-
-GPU rules (the interpreter is laxer): every `tl.dot` dimension is ≥ 16 (NE_PAD ≥ 16, D_PAD ≥ 16, BLOCK_K ≥ 16, the
-block lists padded to ≥ 16); all block sizes are powers of two; every ragged edge is masked; bf16/fp16 are loaded
-and cast to fp32 at once; all offsets into E / banks / idx are int64. The logit dots use `input_precision="ieee"`
-(fp32-exact, the default); `input_precision="tf32"` (or "tf32x3") is the speed switch on Ampere+ — it perturbs the
-logits by ~1e-3 relative (≈1e-2 absolute at 1/τ = 14), so use it only where that is acceptable. The small
-mixing dots (one-hot routing, W) always run in "ieee".
-
-Limits: fp64 is not supported (TypeError: the dispatcher should use the reference backend for fp64); C = NE_PAD ·
-N_PAD ≤ MAX_COMBOS (128; e.g. ≤ 16 embeddings × ≤ 8 banks, or ≤ 32 × 4); idx values are not range-checked here
-(the reference dispatcher checks them; an out-of-range index reads out of bounds on a GPU).
-
-Wrapped as `torch.library.custom_op` "fastmcl::bank_rows" (+ "fastmcl::bank_rows_backward") with `register_fake`
-and `register_autograd`, so a `torch.compile`d function can call it (DESIGN.md: `triton_op` / `wrap_triton` fail
-under compile on CPU here).
+`bank_rows` has the semantics, shapes and gradients of `fastmcl.losses.cohort_terms.bank_rows_reference`. One pass
+over the gathered bank rows accumulates the softmax statistics and the softmax-weighted sums of those rows that dE is
+made of; backward is a small contraction of the saved sums, without a second gather of the bank. Design, derivation,
+limits and roofline: docs/kernels/bank.md. `launches` returns every kernel launch as data, built by the same code the
+launcher runs, for ahead-of-time compilation.
 """
 from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["bank_rows", "MAX_COMBOS", "pick_block_k"]
+from .launch import KernelLaunch
 
-MAX_COMBOS = 128
+__all__ = ["bank_rows", "launches", "DEFAULT_PRECISION", "ASSUMED_SM_COUNT"]
+
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
+DEFAULT_PRECISION = "tf32x3"          # fp32 dots on sm_80+; bf16/fp16 operands go to `tl.dot` natively
+ASSUMED_SM_COUNT = 132                 # the split-K heuristic's SM count where no GPU is asked (interpreter, AOT)
+_ACC_ELEMS = 8192                      # fp32 elements of one program's weighted-sum accumulator
+_TILE_ELEMS = 4096                     # elements of one gathered tile (all banks × BLOCK_K rows × D_P)
+_MIN_BLOCK_K, _MAX_BLOCK_K = 8, 64
+_D_CHUNK = 32                          # D columns per step of the logit dot
+_J_BLOCK = 16                          # CE / KL blocks per step of the merge and backward kernels
+_ROW_BLOCK = 16                        # accumulator rows per step of the merge kernel
+_LN2 = math.log(2.0)
+_LOG2E = 1.0 / _LN2
+_NSTAT = 6                             # per combo: max and sum at τ and at τ·T, positive sum, column-0 logit
 
 
-def _pow2(x: int, floor: int = 16) -> int:
+def _pow2(x: int, floor: int = 1) -> int:
     return max(floor, triton.next_power_of_2(max(int(x), 1)))
 
 
-def pick_block_k(C: int, n_pad: int, d_pad: int) -> int:
-    """BLOCK_K: a power of two in [16, 64] keeping the gathered tile (N_PAD·BLOCK_K × D_PAD) ≤ 8K elements and the
-    combo tile (C × BLOCK_K) ≤ 4K elements (register budget of one program on a GPU)."""
-    bk = 64
-    while bk > 16 and (n_pad * bk * d_pad > 8192 or C * bk > 4096):
-        bk //= 2
-    return bk
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels. Logits are base 2: y = log2(e)/τ · e·r, so every softmax is an exp2; the KL softmax uses y/T.
+# Combo c = m · NE_P + u pairs embedding u with bank m. Accumulator rows: r < C the τ-softmax sum of combo r over its
+# own bank's rows; r = C + m'·C + c the (τ·T)-softmax of combo c applied to bank m''s rows. Both over columns k ≥ 1.
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _pick(vec, index, C: tl.constexpr):
-    """vec[index] for a [C] vector and a [J] index vector, as an exact one-hot reduction."""
-    cols = tl.arange(0, C)
-    return tl.sum(tl.where(index[:, None] == cols[None, :], vec[None, :], 0.0), axis=1)
-
-
-@triton.jit
-def _logaddexp(a, b):
-    mx = tl.maximum(a, b)
-    return mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
-
-
-@triton.jit
-def _load_anchor(E_ptr, b, B, D, NE, NE_PAD: tl.constexpr, D_PAD: tl.constexpr):
-    """E[:, b, :] as an fp32 [NE_PAD, D_PAD] tile (padded rows / columns are 0)."""
-    offs_u = tl.arange(0, NE_PAD)
-    offs_d = tl.arange(0, D_PAD)
-    ptrs = E_ptr + offs_u[:, None].to(tl.int64) * B * D + b * D + offs_d[None, :]
-    mask = (offs_u[:, None] < NE) & (offs_d[None, :] < D)
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _gather_banks(BANK_ptr, IDX_ptr, b, k0, K, D, N_ROWS, N_BANKS,
-                  N_PAD: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr):
-    """Rows banks[m, idx[b, k0 + k]] for every bank m and k < BLOCK_K as an fp32 [N_PAD·BLOCK_K, D_PAD] tile,
-    row j = m·BLOCK_K + k; columns past K, padded banks and padded D are 0."""
-    jj = tl.arange(0, N_PAD * BLOCK_K)
-    m_of = jj // BLOCK_K
-    kk = k0 + jj % BLOCK_K
-    col_ok = kk < K
-    rows = tl.load(IDX_ptr + b * K + kk, mask=col_ok, other=0).to(tl.int64)
-    offs_d = tl.arange(0, D_PAD)
-    row_off = m_of.to(tl.int64) * N_ROWS * D + rows * D
-    mask = (col_ok & (m_of < N_BANKS))[:, None] & (offs_d[None, :] < D)
-    return tl.load(BANK_ptr + row_off[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _bank_rows_fwd_kernel(
-        E_ptr, BANK_ptr, IDX_ptr,
-        CE_C_ptr, CE_VIEW_ptr, KL_S_ptr, KL_T_ptr, KL_VIEW_ptr,
-        CE_OUT_ptr, KL_OUT_ptr, STATS_ptr,
-        B, K, D, N_ROWS, NE, N_BANKS, NC, NK, POS_K, tau, kd_T,
-        NE_PAD: tl.constexpr, N_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-        NC_PAD: tl.constexpr, NK_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    C: tl.constexpr = NE_PAD * N_PAD
+def _bank_pass_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr,
+                      B, K, D, N_ROWS, NE, N_BANKS, K_PER_SPLIT, scale, inv_T,
+                      NE_P: tl.constexpr, N_P: tl.constexpr, D_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                      NT: tl.constexpr, D_CHUNK: tl.constexpr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
+    """Program (b, split, group): columns [split·K_PER_SPLIT, …) of anchor row b, weighted sums onto the target banks
+    [group·NT, group·NT + NT), over columns k ≥ 1. Writes unnormalised partial sums and online statistics."""
+    C: tl.constexpr = N_P * NE_P
+    ROWS: tl.constexpr = C + N_P * C
     b = tl.program_id(0).to(tl.int64)
-    e = _load_anchor(E_ptr, b, B, D, NE, NE_PAD, D_PAD)
-
+    split = tl.program_id(1)
+    grp = tl.program_id(2)
+    offs_d = tl.arange(0, D_P)
+    offs_u = tl.arange(0, NE_P)
+    offs_dc = tl.arange(0, D_CHUNK)
     offs_k = tl.arange(0, BLOCK_K)
-    # per combo: online stats over columns k >= 1 at tau (m1, l1) and at tau*T (mT, lT), positive sum, column 0
+    k_begin = split * K_PER_SPLIT
+    k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
+    jj = tl.arange(0, N_P * BLOCK_K)                  # logit row j = bank (j // BLOCK_K), column (j % BLOCK_K)
+    bank_off = (jj // BLOCK_K).to(tl.int64) * N_ROWS * D
+    bank_ok = (jj // BLOCK_K) < N_BANKS
+    banks = tl.arange(0, N_P)
+    tgt = grp * NT + tl.arange(0, NT)                 # this program's target banks
+    tgt_off = tgt.to(tl.int64) * N_ROWS * D
+    tgt_ok = tgt < N_BANKS
+
     m1 = tl.full([C], float("-inf"), tl.float32)
     l1 = tl.zeros([C], tl.float32)
     mT = tl.full([C], float("-inf"), tl.float32)
     lT = tl.zeros([C], tl.float32)
-    pos = tl.zeros([C], tl.float32)
-    l0 = tl.zeros([C], tl.float32)
-    # per KL block: teacher online stats at T over k >= 1 and the cross term A = sum exp(t - max) (t - s)
-    kj = tl.arange(0, NK_PAD)
-    kmask = kj < NK
-    ks = tl.load(KL_S_ptr + kj, mask=kmask, other=0).to(tl.int32)
-    kt = tl.load(KL_T_ptr + kj, mask=kmask, other=0).to(tl.int32)
-    ks2 = ks[:, None] + tl.zeros([NK_PAD, BLOCK_K], tl.int32)
-    kt2 = kt[:, None] + tl.zeros([NK_PAD, BLOCK_K], tl.int32)
-    mp = tl.full([NK_PAD], float("-inf"), tl.float32)
-    zp = tl.zeros([NK_PAD], tl.float32)
-    ap = tl.zeros([NK_PAD], tl.float32)
-
-    for k0 in range(0, K, BLOCK_K):
-        g = _gather_banks(BANK_ptr, IDX_ptr, b, k0, K, D, N_ROWS, N_BANKS, N_PAD, BLOCK_K, D_PAD)
-        s = tl.dot(e, tl.trans(g), input_precision=PRECISION) / tau            # [NE_PAD, N_PAD*BLOCK_K]
-        L = tl.reshape(s, (C, BLOCK_K))                                        # row c = u*N_PAD + m
+    acc1 = tl.zeros([NT, NE_P, D_P], tl.float32)
+    accT = tl.zeros([NT, C, D_P], tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         kcol = k0 + offs_k
-        valid = (kcol >= 1) & (kcol < K)
-        if k0 == 0:
-            l0 = tl.sum(tl.where(kcol[None, :] == 0, L, 0.0), axis=1)
-        if k0 <= POS_K:
-            is_pos = (kcol >= 1) & (kcol <= POS_K)
-            pos += tl.sum(tl.where(is_pos[None, :], L, 0.0), axis=1)
-        # CE softmax (tau)
-        Lm = tl.where(valid[None, :], L, float("-inf"))
-        m_new = tl.maximum(m1, tl.max(Lm, axis=1))
-        l1 = l1 * tl.exp(m1 - m_new) + tl.sum(tl.exp(Lm - m_new[:, None]), axis=1)
+        col_ok = kcol < k_end
+        kk = k0 + jj % BLOCK_K
+        rows = tl.load(IDX_ptr + b * K + kk, mask=kk < k_end, other=0).to(tl.int64)
+        row_ok = (kk < k_end) & bank_ok
+        # logits [N_P·BK, NE_P] of every bank's rows (gathered rows are the M dimension), contracted over D in
+        # chunks: a dot operand holds its whole K extent in registers (twice at tf32x3)
+        s = tl.zeros([N_P * BLOCK_K, NE_P], tl.float32)
+        for d0 in tl.static_range(0, D_P, D_CHUNK):
+            dd = d0 + offs_dc
+            Rc = tl.load(BANK_ptr + (bank_off + rows * D)[:, None] + dd[None, :],
+                         mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
+            ec = tl.load(E_ptr + offs_u[None, :].to(tl.int64) * B * D + b * D + dd[:, None],
+                         mask=(dd[:, None] < D) & (offs_u[None, :] < NE), other=0.0)
+            if NATIVE_DOT:
+                s = tl.dot(Rc, ec, s)
+            else:
+                s = tl.dot(Rc.to(tl.float32), ec.to(tl.float32), s, input_precision=PRECISION)
+        Y = tl.reshape(tl.permute(tl.reshape(s * scale, (N_P, BLOCK_K, NE_P)), (0, 2, 1)), (C, BLOCK_K))
+        valid = (kcol >= 1) & col_ok
+        Ym = tl.where(valid[None, :], Y, float("-inf"))
+        m_new = tl.maximum(m1, tl.max(Ym, axis=1))
+        a1 = tl.exp2(m1 - m_new)
+        P1 = tl.exp2(Ym - m_new[:, None])
+        l1 = l1 * a1 + tl.sum(P1, axis=1)
         m1 = m_new
-        # KL softmax (tau * T)
-        LT = Lm / kd_T
-        m_new = tl.maximum(mT, tl.max(LT, axis=1))
-        lT = lT * tl.exp(mT - m_new) + tl.sum(tl.exp(LT - m_new[:, None]), axis=1)
+        YT = Ym * inv_T
+        m_new = tl.maximum(mT, tl.max(YT, axis=1))
+        aT = tl.exp2(mT - m_new)
+        PT = tl.exp2(YT - m_new[:, None])
+        lT = lT * aT + tl.sum(PT, axis=1)
         mT = m_new
-        # KL cross terms, centred: sum_k exp(t_k - max_t) (t_k - s_k)
-        t = tl.gather(L, kt2, 0) / kd_T
-        st = tl.gather(L, ks2, 0) / kd_T
-        t_m = tl.where(valid[None, :], t, float("-inf"))
-        m_new = tl.maximum(mp, tl.max(t_m, axis=1))
-        alpha = tl.exp(mp - m_new)
-        w = tl.exp(t_m - m_new[:, None])
-        zp = zp * alpha + tl.sum(w, axis=1)
-        ap = ap * alpha + tl.sum(w * tl.where(valid[None, :], t - st, 0.0), axis=1)
-        mp = m_new
+        # the target banks' rows of this tile [NT, BK, D_P] (an L1 re-read), then batched dots, one batch per bank:
+        # acc1[t] += P1[combos of bank t] @ rows of bank t; accT[t] += PT[every combo] @ rows of bank t
+        cols = tl.load(IDX_ptr + b * K + kcol, mask=col_ok, other=0).to(tl.int64)
+        Rt = tl.load(BANK_ptr + tgt_off[:, None, None] + cols[None, :, None] * D + offs_d[None, None, :],
+                     mask=tgt_ok[:, None, None] & col_ok[None, :, None] & (offs_d[None, None, :] < D),
+                     other=0.0).to(tl.float32)
+        P1b = tl.reshape(P1, (N_P, NE_P, BLOCK_K))
+        a1b = tl.reshape(a1, (N_P, NE_P))
+        if NT < N_P:
+            pick = banks[None, :, None] == tgt[:, None, None]                              # [NT, N_P, 1]
+            P1b = tl.sum(tl.where(pick[:, :, :, None], P1b[None, :, :, :], 0.0), axis=1)
+            a1b = tl.sum(tl.where(pick, a1b[None, :, :], 0.0), axis=1)
+        acc1 = tl.dot(P1b, Rt, acc1 * a1b[:, :, None], input_precision=PRECISION)
+        accT = tl.dot(tl.broadcast_to(PT[None, :, :], (NT, C, BLOCK_K)), Rt, accT * aT[None, :, None],
+                      input_precision=PRECISION)
 
-    # per-combo log-sum-exps: view set (k >= 1) and full set (with column 0)
-    lse1 = m1 + tl.log(l1)
-    lseT = mT + tl.log(lT)
-    lse1_f = _logaddexp(lse1, l0)
-    lseT_f = _logaddexp(lseT, l0 / kd_T)
-    cc = tl.arange(0, C)
-    st_ptr = STATS_ptr + b * C + cc
-    tl.store(st_ptr, lse1)
-    tl.store(st_ptr + B * C, lseT)
-    tl.store(st_ptr + 2 * B * C, l0)
-
-    # CE rows: lse - mean of the leading positives
-    cj = tl.arange(0, NC_PAD)
-    cmask = cj < NC
-    cidx = tl.load(CE_C_ptr + cj, mask=cmask, other=0).to(tl.int32)
-    cview = tl.load(CE_VIEW_ptr + cj, mask=cmask, other=0) != 0
-    pos_j = _pick(pos, cidx, C)
-    ce_view = _pick(lse1, cidx, C) - pos_j / POS_K
-    ce_cross = _pick(lse1_f, cidx, C) - (pos_j + _pick(l0, cidx, C)) / (POS_K + 1)
-    tl.store(CE_OUT_ptr + cj.to(tl.int64) * B + b, tl.where(cview, ce_view, ce_cross), mask=cmask)
-
-    # KL rows: a cross block merges column 0 into the teacher's stats and its cross term
-    kview = tl.load(KL_VIEW_ptr + kj, mask=kmask, other=0) != 0
-    t0 = _pick(l0, kt, C) / kd_T
-    s0 = _pick(l0, ks, C) / kd_T
-    M = tl.where(kview, mp, tl.maximum(mp, t0))
-    alpha = tl.exp(mp - M)
-    w0 = tl.where(kview, 0.0, tl.exp(t0 - M))
-    Z = zp * alpha + w0
-    A = ap * alpha + w0 * (t0 - s0)
-    lse_t = M + tl.log(Z)
-    lse_s = tl.where(kview, _pick(lseT, ks, C), _pick(lseT_f, ks, C))
-    kl = A / Z - (lse_t - lse_s)
-    tl.store(KL_OUT_ptr + kj.to(tl.int64) * B + b, kl, mask=kmask)
+    base = split.to(tl.int64) * B + b
+    if grp == 0:
+        cc = tl.arange(0, C)
+        st = PSTAT_ptr + base * (4 * C) + cc
+        tl.store(st, m1)
+        tl.store(st + C, l1)
+        tl.store(st + 2 * C, mT)
+        tl.store(st + 3 * C, lT)
+    acc = PACC_ptr + base * (ROWS * D_P) + offs_d[None, None, :]
+    r1 = tgt[:, None] * NE_P + offs_u[None, :]                                             # [NT, NE_P]
+    tl.store(acc + r1[:, :, None] * D_P, acc1)
+    rT = C + tgt[:, None] * C + tl.arange(0, C)[None, :]                                    # [NT, C]
+    tl.store(acc + rT[:, :, None] * D_P, accT)
 
 
 @triton.jit
-def _bank_rows_bwd_kernel(
-        E_ptr, BANK_ptr, IDX_ptr,
-        CE_C_ptr, CE_VIEW_ptr, KL_S_ptr, KL_T_ptr, KL_VIEW_ptr,
-        G_CE_ptr, G_KL_ptr, STATS_ptr, DE_ptr,
-        B, K, D, N_ROWS, NE, N_BANKS, NC, NK, POS_K, tau, kd_T,
-        NE_PAD: tl.constexpr, N_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
-        NC_PAD: tl.constexpr, NK_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    C: tl.constexpr = NE_PAD * N_PAD
+def _full_set(M, Z, y0):
+    """Online statistics (max, sum of 2^(y − max)) over k ≥ 1 merged with column 0: (max', sum', view fraction,
+    column-0 probability), the full-set softmax being (view fraction) · view softmax on k ≥ 1."""
+    Mf = tl.maximum(M, y0)
+    zv = Z * tl.exp2(M - Mf)
+    z0 = tl.exp2(y0 - Mf)
+    Zf = zv + z0
+    return Mf, Zf, zv / Zf, z0 / Zf
+
+
+@triton.jit
+def _bank_merge_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, ACC_ptr, ROWS_ptr, STATS_ptr,
+                       CE_U_ptr, CE_M_ptr, CE_VIEW_ptr, KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr,
+                       CE_ptr, KL_ptr,
+                       B, K, D, N_ROWS, NE, N_BANKS, NC, NK, SPLITS, POS_K, scale, inv_tau, inv_T,
+                       NE_P: tl.constexpr, N_P: tl.constexpr, D_P: tl.constexpr, ROW_BLOCK: tl.constexpr,
+                       J_BLOCK: tl.constexpr):
+    """Program b: merges the splits (flash-decoding), normalises the weighted sums, adds column 0 and the positives
+    (1 + pos_k rows per bank), writes the ce and kl rows and what backward needs."""
+    C: tl.constexpr = N_P * NE_P
+    ROWS: tl.constexpr = C + N_P * C
+    LN2: tl.constexpr = 0.6931471805599453
     b = tl.program_id(0).to(tl.int64)
-    e = _load_anchor(E_ptr, b, B, D, NE, NE_PAD, D_PAD)
     cc = tl.arange(0, C)
-    st_ptr = STATS_ptr + b * C + cc
-    lse1 = tl.load(st_ptr)
-    lseT = tl.load(st_ptr + B * C)
-    l0 = tl.load(st_ptr + 2 * B * C)
-    lse1_f = _logaddexp(lse1, l0)
-    lseT_f = _logaddexp(lseT, l0 / kd_T)
-    f1 = tl.exp(lse1 - lse1_f)          # full-set softmax = f · view-set softmax on k >= 1
-    fT = tl.exp(lseT - lseT_f)
+    offs_d = tl.arange(0, D_P)
+    offs_u = tl.arange(0, NE_P)
+    banks = tl.arange(0, N_P)
+    st_b = PSTAT_ptr + b * (4 * C)
+    split_stride = B * (4 * C)
+    M1 = tl.full([C], float("-inf"), tl.float32)
+    MT = tl.full([C], float("-inf"), tl.float32)
+    for s in range(SPLITS):
+        M1 = tl.maximum(M1, tl.load(st_b + s * split_stride + cc))
+        MT = tl.maximum(MT, tl.load(st_b + s * split_stride + 2 * C + cc))
+    Z1 = tl.zeros([C], tl.float32)
+    ZT = tl.zeros([C], tl.float32)
+    for s in range(SPLITS):
+        st = st_b + s * split_stride
+        Z1 += tl.load(st + C + cc) * tl.exp2(tl.load(st + cc) - M1)
+        ZT += tl.load(st + 3 * C + cc) * tl.exp2(tl.load(st + 2 * C + cc) - MT)
 
-    # CE blocks → per combo: a_v (view) and a_x (cross) upstream gradients
-    cj = tl.arange(0, NC_PAD)
-    cmask = cj < NC
-    cidx = tl.load(CE_C_ptr + cj, mask=cmask, other=0).to(tl.int32)
-    cview_i = tl.load(CE_VIEW_ptr + cj, mask=cmask, other=0)
-    cview = cview_i != 0
-    ccross = cview_i == 0
-    gce = tl.load(G_CE_ptr + cj.to(tl.int64) * B + b, mask=cmask, other=0.0).to(tl.float32)
-    oh_c = (cidx[:, None] == cc[None, :]) & cmask[:, None]
-    a_v = tl.sum(tl.where(oh_c & cview[:, None], gce[:, None], 0.0), axis=0)
-    a_x = tl.sum(tl.where(oh_c & ccross[:, None], gce[:, None], 0.0), axis=0)
-    coef_ce = a_v + a_x * f1
-    pos_c = a_v / POS_K + a_x / (POS_K + 1)
+    # column 0 and the sum of the positives 1..pos_k, per bank; their logits per combo
+    bank_ok = (banks < N_BANKS)[:, None] & (offs_d[None, :] < D)
+    bank_row = banks[:, None].to(tl.int64) * N_ROWS * D + offs_d[None, :]
+    R0 = tl.load(BANK_ptr + bank_row + tl.load(IDX_ptr + b * K).to(tl.int64) * D, mask=bank_ok,
+                 other=0.0).to(tl.float32)
+    RP = tl.zeros([N_P, D_P], tl.float32)
+    for k in range(1, POS_K + 1):
+        RP += tl.load(BANK_ptr + bank_row + tl.load(IDX_ptr + b * K + k).to(tl.int64) * D, mask=bank_ok,
+                      other=0.0).to(tl.float32)
+    e = tl.load(E_ptr + offs_u[:, None].to(tl.int64) * B * D + b * D + offs_d[None, :],
+                mask=(offs_u[:, None] < NE) & (offs_d[None, :] < D), other=0.0).to(tl.float32)   # [NE_P, D_P]
+    Y0 = tl.reshape(tl.sum(R0[:, None, :] * e[None, :, :], axis=2), (C,)) * scale
+    POS = tl.reshape(tl.sum(RP[:, None, :] * e[None, :, :], axis=2), (C,)) * scale
+    out = STATS_ptr + b * (6 * C) + cc
+    tl.store(out, M1)
+    tl.store(out + C, Z1)
+    tl.store(out + 2 * C, MT)
+    tl.store(out + 3 * C, ZT)
+    tl.store(out + 4 * C, POS)
+    tl.store(out + 5 * C, Y0)
+    ro = ROWS_ptr + b * (2 * N_P * D_P) + banks[:, None] * D_P + offs_d[None, :]
+    tl.store(ro, R0)
+    tl.store(ro + N_P * D_P, RP)
 
-    # KL blocks → per student combo: b_v, b_x; teacher routing matrix W [C, C]
-    kj = tl.arange(0, NK_PAD)
-    kmask = kj < NK
-    ks = tl.load(KL_S_ptr + kj, mask=kmask, other=0).to(tl.int32)
-    kt = tl.load(KL_T_ptr + kj, mask=kmask, other=0).to(tl.int32)
-    kview_i = tl.load(KL_VIEW_ptr + kj, mask=kmask, other=0)
-    kview = kview_i != 0
-    kcross = kview_i == 0
-    h = tl.load(G_KL_ptr + kj.to(tl.int64) * B + b, mask=kmask, other=0.0).to(tl.float32) / kd_T
-    oh_s = (ks[:, None] == cc[None, :]) & kmask[:, None]
-    oh_t = ((kt[:, None] == cc[None, :]) & kmask[:, None]).to(tl.float32)
-    b_v = tl.sum(tl.where(oh_s & kview[:, None], h[:, None], 0.0), axis=0)
-    b_x = tl.sum(tl.where(oh_s & kcross[:, None], h[:, None], 0.0), axis=0)
-    coef_kl = b_v + b_x * fT
-    h_w = h * tl.where(kview, 1.0, _pick(fT, kt, C))
-    W = tl.dot(tl.trans(tl.where(oh_s, h_w[:, None], 0.0)), oh_t, input_precision="ieee")     # [C, C]
+    # weighted sums: Σ_s acc_s · 2^(m_s − M) / Z, row by row (row r belongs to combo r mod C)
+    n_rows = C + N_BANKS * C
+    for r0 in range(0, n_rows, ROW_BLOCK):
+        r = r0 + tl.arange(0, ROW_BLOCK)
+        rmask = r < n_rows
+        src = r % C
+        kind = tl.where(r < C, 0, 2)
+        M = tl.full([ROW_BLOCK], float("-inf"), tl.float32)
+        for s in range(SPLITS):
+            M = tl.maximum(M, tl.load(st_b + s * split_stride + kind * C + src, mask=rmask, other=0.0))
+        Z = tl.zeros([ROW_BLOCK], tl.float32)
+        acc = tl.zeros([ROW_BLOCK, D_P], tl.float32)
+        for s in range(SPLITS):
+            st = st_b + s * split_stride
+            w = tl.exp2(tl.load(st + kind * C + src, mask=rmask, other=0.0) - M)
+            Z += tl.load(st + (kind + 1) * C + src, mask=rmask, other=1.0) * w
+            part = tl.load(PACC_ptr + (s * B + b) * (ROWS * D_P) + r[:, None] * D_P + offs_d[None, :],
+                           mask=rmask[:, None], other=0.0)
+            acc += part * w[:, None]
+        tl.store(ACC_ptr + b * (ROWS * D_P) + r[:, None] * D_P + offs_d[None, :], acc / Z[:, None],
+                 mask=rmask[:, None])
+    tl.debug_barrier()          # the rows above are read back below by other threads of this program
 
-    # column 0 (cross blocks only)
-    pT0 = tl.exp(l0 / kd_T - lseT_f)
-    hx_t0 = tl.where(kview, 0.0, h * _pick(pT0, kt, C))
-    g0 = (a_x * tl.exp(l0 - lse1_f) - a_x / (POS_K + 1) + b_x * pT0
-          - tl.sum(tl.where(oh_s, hx_t0[:, None], 0.0), axis=0))
+    # CE rows: view lse − mean of the pos_k positives; cross rows add column 0 to both
+    st = STATS_ptr + b * (6 * C)
+    for j0 in range(0, NC, J_BLOCK):
+        j = j0 + tl.arange(0, J_BLOCK)
+        jm = j < NC
+        c = tl.load(CE_M_ptr + j, mask=jm, other=0).to(tl.int32) * NE_P + tl.load(CE_U_ptr + j, mask=jm,
+                                                                                   other=0).to(tl.int32)
+        view = tl.load(CE_VIEW_ptr + j, mask=jm, other=0) != 0
+        m = tl.load(st + c)
+        z = tl.load(st + C + c)
+        p = tl.load(st + 4 * C + c)
+        q = tl.load(st + 5 * C + c)
+        Mf, Zf, _, _ = _full_set(m, z, q)
+        ce_view = LN2 * (m + tl.log2(z) - p / POS_K)
+        ce_cross = LN2 * (Mf + tl.log2(Zf) - (p + q) / (POS_K + 1))
+        tl.store(CE_ptr + j.to(tl.int64) * B + b, tl.where(view, ce_view, ce_cross), mask=jm)
 
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([NE_PAD, D_PAD], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        g = _gather_banks(BANK_ptr, IDX_ptr, b, k0, K, D, N_ROWS, N_BANKS, N_PAD, BLOCK_K, D_PAD)
-        s = tl.dot(e, tl.trans(g), input_precision=PRECISION) / tau
-        L = tl.reshape(s, (C, BLOCK_K))
-        kcol = k0 + offs_k
-        valid = (kcol >= 1) & (kcol < K)
-        p1 = tl.exp(L - lse1[:, None])
-        pT = tl.exp(L / kd_T - lseT[:, None])
-        G = coef_ce[:, None] * p1 + coef_kl[:, None] * pT - tl.dot(W, pT, input_precision="ieee")
-        is_pos = (kcol >= 1) & (kcol <= POS_K)
-        G = G - tl.where(is_pos[None, :], pos_c[:, None], 0.0)
-        G = tl.where(valid[None, :], G, 0.0)
-        G = tl.where(kcol[None, :] == 0, g0[:, None], G)
-        acc = tl.dot(tl.reshape(G, (NE_PAD, N_PAD * BLOCK_K)), g, acc, input_precision=PRECISION)
+    # KL rows: Σ_k q_k (t_k − s_k)/T from the teacher-weighted sums, minus the centred lse difference
+    accb = ACC_ptr + b * (ROWS * D_P)
+    e_b = E_ptr + b * D + offs_d[None, :]
+    dmask = offs_d[None, :] < D
+    for j0 in range(0, NK, J_BLOCK):
+        j = j0 + tl.arange(0, J_BLOCK)
+        jm = j < NK
+        su = tl.load(KL_SU_ptr + j, mask=jm, other=0).to(tl.int32)
+        sm = tl.load(KL_SM_ptr + j, mask=jm, other=0).to(tl.int32)
+        tu = tl.load(KL_TU_ptr + j, mask=jm, other=0).to(tl.int32)
+        tm = tl.load(KL_TM_ptr + j, mask=jm, other=0).to(tl.int32)
+        view = tl.load(KL_VIEW_ptr + j, mask=jm, other=0) != 0
+        cs = sm * NE_P + su
+        ct = tm * NE_P + tu
+        ms = tl.load(st + 2 * C + cs)
+        zs = tl.load(st + 3 * C + cs)
+        mt = tl.load(st + 2 * C + ct)
+        zt = tl.load(st + 3 * C + ct)
+        qs = tl.load(st + 5 * C + cs) * inv_T
+        qt = tl.load(st + 5 * C + ct) * inv_T
+        msf, zsf, _, _ = _full_set(ms, zs, qs)
+        mtf, ztf, ft, p0t = _full_set(mt, zt, qt)
+        ms = tl.where(view, ms, msf)
+        zs = tl.where(view, zs, zsf)
+        mt = tl.where(view, mt, mtf)
+        zt = tl.where(view, zt, ztf)
+        ft = tl.where(view, 1.0, ft)
+        p0t = tl.where(view, 0.0, p0t)
+        jm2 = jm[:, None] & dmask
+        xt = tl.load(accb + (C + tm * C + ct)[:, None] * D_P + offs_d[None, :], mask=jm2, other=0.0)
+        xs = tl.load(accb + (C + sm * C + ct)[:, None] * D_P + offs_d[None, :], mask=jm2, other=0.0)
+        et = tl.load(e_b + tu[:, None].to(tl.int64) * B * D, mask=jm2, other=0.0).to(tl.float32)
+        es = tl.load(e_b + su[:, None].to(tl.int64) * B * D, mask=jm2, other=0.0).to(tl.float32)
+        cross = tl.sum(et * xt - es * xs, axis=1) * (inv_tau * inv_T)
+        kl = ft * cross + p0t * (qt - qs) * LN2 - LN2 * ((mt - ms) + tl.log2(zt / zs))
+        tl.store(KL_ptr + j.to(tl.int64) * B + b, kl, mask=jm)
 
-    acc = acc / tau
-    offs_u = tl.arange(0, NE_PAD)
-    offs_d = tl.arange(0, D_PAD)
+
+@triton.jit
+def _bank_bwd_kernel(ACC_ptr, ROWS_ptr, STATS_ptr, G_CE_ptr, G_KL_ptr, DE_ptr,
+                     CE_U_ptr, CE_M_ptr, CE_VIEW_ptr, KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr,
+                     B, D, NE, NC, NK, POS_K, inv_tau, inv_T,
+                     NE_P: tl.constexpr, N_P: tl.constexpr, D_P: tl.constexpr, J_BLOCK: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """Program b: dE[:, b] = Σ over CE and KL blocks of (upstream gradient × saved weighted sums) / τ."""
+    C: tl.constexpr = N_P * NE_P
+    ROWS: tl.constexpr = C + N_P * C
+    b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, D_P)
+    offs_u = tl.arange(0, NE_P)
+    st = STATS_ptr + b * (6 * C)
+    accb = ACC_ptr + b * (ROWS * D_P) + offs_d[None, :]
+    rowb = ROWS_ptr + b * (2 * N_P * D_P) + offs_d[None, :]
+    dE = tl.zeros([NE_P, D_P], tl.float32)
+    for j0 in range(0, NC, J_BLOCK):
+        j = j0 + tl.arange(0, J_BLOCK)
+        jm = j < NC
+        u = tl.load(CE_U_ptr + j, mask=jm, other=0).to(tl.int32)
+        m = tl.load(CE_M_ptr + j, mask=jm, other=0).to(tl.int32)
+        view = tl.load(CE_VIEW_ptr + j, mask=jm, other=0) != 0
+        g = tl.load(G_CE_ptr + j.to(tl.int64) * B + b, mask=jm, other=0.0).to(tl.float32)
+        c = m * NE_P + u
+        _, _, f, p0 = _full_set(tl.load(st + c), tl.load(st + C + c), tl.load(st + 5 * C + c))
+        a_s = g * tl.where(view, 1.0, f)
+        a_0 = tl.where(view, 0.0, g * (p0 - 1.0 / (POS_K + 1)))
+        a_p = -g / tl.where(view, POS_K, POS_K + 1)
+        V = (a_s[:, None] * tl.load(accb + c[:, None] * D_P)
+             + a_0[:, None] * tl.load(rowb + m[:, None] * D_P)
+             + a_p[:, None] * tl.load(rowb + (N_P + m)[:, None] * D_P))
+        route = tl.where((offs_u[:, None] == u[None, :]) & jm[None, :], 1.0, 0.0)         # [NE_P, J_BLOCK]
+        dE = tl.dot(route, V, dE, input_precision=PRECISION)
+    for j0 in range(0, NK, J_BLOCK):
+        j = j0 + tl.arange(0, J_BLOCK)
+        jm = j < NK
+        su = tl.load(KL_SU_ptr + j, mask=jm, other=0).to(tl.int32)
+        sm = tl.load(KL_SM_ptr + j, mask=jm, other=0).to(tl.int32)
+        tu = tl.load(KL_TU_ptr + j, mask=jm, other=0).to(tl.int32)
+        tm = tl.load(KL_TM_ptr + j, mask=jm, other=0).to(tl.int32)
+        view = tl.load(KL_VIEW_ptr + j, mask=jm, other=0) != 0
+        h = tl.load(G_KL_ptr + j.to(tl.int64) * B + b, mask=jm, other=0.0).to(tl.float32) * inv_T
+        cs = sm * NE_P + su
+        ct = tm * NE_P + tu
+        _, _, fs, p0s = _full_set(tl.load(st + 2 * C + cs), tl.load(st + 3 * C + cs),
+                                  tl.load(st + 5 * C + cs) * inv_T)
+        _, _, ft, p0t = _full_set(tl.load(st + 2 * C + ct), tl.load(st + 3 * C + ct),
+                                  tl.load(st + 5 * C + ct) * inv_T)
+        fs = tl.where(view, 1.0, fs)
+        ft = tl.where(view, 1.0, ft)
+        d0 = tl.where(view, 0.0, p0s - p0t)
+        V = ((h * fs)[:, None] * tl.load(accb + (C + sm * C + cs)[:, None] * D_P)
+             - (h * ft)[:, None] * tl.load(accb + (C + sm * C + ct)[:, None] * D_P)
+             + (h * d0)[:, None] * tl.load(rowb + sm[:, None] * D_P))
+        route = tl.where((offs_u[:, None] == su[None, :]) & jm[None, :], 1.0, 0.0)
+        dE = tl.dot(route, V, dE, input_precision=PRECISION)
     ptrs = DE_ptr + offs_u[:, None].to(tl.int64) * B * D + b * D + offs_d[None, :]
-    tl.store(ptrs, acc, mask=(offs_u[:, None] < NE) & (offs_d[None, :] < D))
+    tl.store(ptrs, dE * inv_tau, mask=(offs_u[:, None] < NE) & (offs_d[None, :] < D))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Host side
+# Launch configuration: one function decides block sizes, groups, splits, warps and stages; the launcher and
+# `launches` both read it.
 # ----------------------------------------------------------------------------------------------------------------
 
-def _layout(E: Tensor, banks: Tensor, block_k: int) -> dict:
+@dataclass(frozen=True)
+class _Config:
+    NE_P: int
+    N_P: int
+    D_P: int
+    BLOCK_K: int
+    NT: int                 # target banks per program
+    groups: int             # programs per (row, split) along the target banks
+    splits: int             # programs per row along K
+    k_per_split: int
+    precision: str
+    native_dot: bool
+    num_warps: int
+    num_stages: int
+
+    @property
+    def C(self) -> int:
+        return self.NE_P * self.N_P
+
+    @property
+    def rows(self) -> int:
+        return self.C + self.N_P * self.C
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _config(NE: int, n: int, B: int, K: int, D: int, e_dtype: torch.dtype, bank_dtype: torch.dtype,
+            precision: str | None, capability: tuple[int, int], sm_count: int, block_k: int = 0,
+            split_k: int = 0) -> _Config:
+    NE_P, N_P, D_P = _pow2(NE), _pow2(n), _pow2(D, floor=16)
+    C = NE_P * N_P
+    if (NE_P + C) * D_P > _ACC_ELEMS:
+        raise ValueError(f"bank_rows kernel: {NE} embeddings × {n} banks pad to {NE_P} × {N_P} = {C} combos; at "
+                         f"D = {D} one program would hold more than {_ACC_ELEMS} accumulator elements (at most "
+                         f"{_ACC_ELEMS // D_P - NE_P} combos at this D); use the reference backend")
+    # target banks per program: as many as keep the accumulators [NT, NE_P + C, D_P] within budget
+    NT = N_P
+    while NT > 1 and NT * (NE_P + C) * D_P > _ACC_ELEMS:
+        NT //= 2
+    bk = _MAX_BLOCK_K
+    while bk > _MIN_BLOCK_K and (N_P * bk * min(D_P, _D_CHUNK) > _TILE_ELEMS or NT * bk * D_P > _TILE_ELEMS
+                                 or NT * C * bk > _TILE_ELEMS):
+        bk //= 2
+    if block_k:
+        if block_k < _MIN_BLOCK_K or block_k & (block_k - 1):
+            raise ValueError(f"block_k must be 0 (auto) or a power of two >= {_MIN_BLOCK_K}, got {block_k}")
+        bk = block_k
+    groups = triton.cdiv(n, NT)
+    if split_k:
+        splits = split_k
+    else:                   # flash-decoding split: fill two programs per SM, each split at least 4 tiles long
+        splits = 1
+        while B * groups * splits < 2 * sm_count and K >= 2 * splits * 4 * bk:
+            splits *= 2
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
+    splits = triton.cdiv(K, k_per_split)            # no empty split
+    if precision is None:
+        precision = DEFAULT_PRECISION if capability >= (8, 0) else "ieee"
+    if precision not in _PRECISIONS:
+        raise ValueError(f"input_precision must be one of {_PRECISIONS}, got {precision!r}")
+    native = e_dtype == bank_dtype and e_dtype != torch.float32 and not _interpreting()
+    return _Config(NE_P=NE_P, N_P=N_P, D_P=D_P, BLOCK_K=bk, NT=NT, groups=groups, splits=splits,
+                   k_per_split=k_per_split, precision=precision, native_dot=native,
+                   num_warps=4 if NT * bk * D_P <= 1024 else 8, num_stages=1)
+
+
+def _forward_launches(cfg: _Config, E, banks, idx, vecs, pos_k, tau, kd_T, work, outs) -> list[KernelLaunch]:
     NE, B, D = E.shape
-    n = banks.shape[0]
-    NE_PAD, N_PAD, D_PAD = _pow2(NE), _pow2(n, floor=1), _pow2(D)
-    C = NE_PAD * N_PAD
-    if C > MAX_COMBOS:
-        raise ValueError(f"bank_rows kernel: {NE} embeddings × {n} banks pad to {NE_PAD} × {N_PAD} = {C} combos, "
-                         f"above the cap of {MAX_COMBOS}; use the reference backend")
-    BLOCK_K = block_k if block_k > 0 else pick_block_k(C, N_PAD, D_PAD)
-    if BLOCK_K < 16 or BLOCK_K & (BLOCK_K - 1):
-        raise ValueError(f"block_k must be 0 (auto) or a power of two >= 16, got {block_k}")
-    return dict(NE_PAD=NE_PAD, N_PAD=N_PAD, D_PAD=D_PAD, BLOCK_K=BLOCK_K, C=C,
-                num_warps=8 if N_PAD * BLOCK_K * D_PAD >= 8192 else 4)
+    n, N_ROWS = banks.shape[0], banks.shape[1]
+    K = idx.shape[1]
+    pstat, pacc = work
+    ce, kl, stats, acc, rows = outs
+    pass_ = KernelLaunch.of(
+        "bank.pass", _bank_pass_kernel, (B, cfg.splits, cfg.groups),
+        (E, banks, idx, pstat, pacc, B, K, D, N_ROWS, NE, n, cfg.k_per_split, _LOG2E / tau, 1.0 / kd_T),
+        dict(NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P, BLOCK_K=cfg.BLOCK_K, NT=cfg.NT, D_CHUNK=min(cfg.D_P, _D_CHUNK),
+             PRECISION=cfg.precision,
+             NATIVE_DOT=cfg.native_dot), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    merge = KernelLaunch.of(
+        "bank.merge", _bank_merge_kernel, (B,),
+        (E, banks, idx, pstat, pacc, acc, rows, stats, *vecs, ce, kl, B, K, D, N_ROWS, NE, n, ce.shape[0],
+         kl.shape[0], cfg.splits, pos_k, _LOG2E / tau, 1.0 / tau, 1.0 / kd_T),
+        dict(NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P, ROW_BLOCK=_ROW_BLOCK, J_BLOCK=_J_BLOCK),
+        num_warps=4, num_stages=1)
+    return [pass_, merge]
 
 
-def _check(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k,
-           input_precision):
+def _backward_launch(cfg: _Config, E, vecs, pos_k, tau, kd_T, saved, g_ce, g_kl, dE) -> KernelLaunch:
+    NE, B, D = E.shape
+    stats, acc, rows = saved
+    return KernelLaunch.of(
+        "bank.backward", _bank_bwd_kernel, (B,),
+        (acc, rows, stats, g_ce, g_kl, dE, *vecs, B, D, NE, g_ce.shape[0], g_kl.shape[0], pos_k, 1.0 / tau,
+         1.0 / kd_T),
+        dict(NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P, J_BLOCK=_J_BLOCK, PRECISION=cfg.precision),
+        num_warps=4, num_stages=1)
+
+
+def _buffers(cfg: _Config, B: int, n_ce: int, n_kl: int, device) -> tuple[tuple, tuple]:
+    """(workspace, outputs). Outputs: ce, kl, stats [B, 6, C], normalised sums [B, rows, D_P], rows [B, 2, N_P, D_P]
+    (column 0 and the positives' sum per bank). With one split the pass writes its sums straight into the output."""
+    f32 = dict(dtype=torch.float32, device=device)
+    outs = (torch.empty(n_ce, B, **f32), torch.empty(n_kl, B, **f32), torch.empty(B, _NSTAT, cfg.C, **f32),
+            torch.empty(B, cfg.rows, cfg.D_P, **f32), torch.empty(B, 2, cfg.N_P, cfg.D_P, **f32))
+    pacc = outs[3][None] if cfg.splits == 1 else torch.empty(cfg.splits, B, cfg.rows, cfg.D_P, **f32)
+    work = (torch.empty(cfg.splits, B, 4, cfg.C, **f32), pacc)
+    return work, outs
+
+
+def launches(E_shape: tuple[int, int, int], n_banks: int, n_rows: int, K: int, n_ce: int, n_kl: int, *,
+             dtype: torch.dtype = torch.float32, bank_dtype: torch.dtype | None = None,
+             idx_dtype: torch.dtype = torch.int64, pos_k: int = 1, tau: float = 0.07, kd_T: float = 3.0,
+             input_precision: str | None = None, device_capability: tuple[int, int] = (9, 0),
+             sm_count: int = ASSUMED_SM_COUNT, block_k: int = 0, split_k: int = 0) -> list[KernelLaunch]:
+    """Every kernel launch of one forward + backward call of `bank_rows` (E of shape `E_shape` and `dtype`, `n_banks`
+    banks of `n_rows` rows, idx [B, K], `n_ce` CE and `n_kl` KL blocks) on a GPU of `device_capability` with
+    `sm_count` SMs, as the launcher issues them (the same code path; tensors live on the `meta` device)."""
+    NE, B, D = E_shape
+    bank_dtype = bank_dtype or dtype
+    cfg = _config(NE, n_banks, B, K, D, dtype, bank_dtype, input_precision, device_capability, sm_count, block_k,
+                  split_k)
+    meta = torch.device("meta")
+    E = torch.empty(E_shape, dtype=dtype, device=meta)
+    banks = torch.empty(n_banks, n_rows, D, dtype=bank_dtype, device=meta)
+    idx = torch.empty(B, K, dtype=idx_dtype, device=meta)
+    ce_v = [torch.empty(n_ce, dtype=torch.int64, device=meta)] * 2 + [torch.empty(n_ce, dtype=torch.bool,
+                                                                                  device=meta)]
+    kl_v = [torch.empty(n_kl, dtype=torch.int64, device=meta)] * 4 + [torch.empty(n_kl, dtype=torch.bool,
+                                                                                  device=meta)]
+    vecs = tuple(ce_v + kl_v)
+    work, outs = _buffers(cfg, B, n_ce, n_kl, meta)
+    fwd = _forward_launches(cfg, E, banks, idx, vecs, pos_k, tau, kd_T, work, outs)
+    dE = torch.empty(E_shape, dtype=torch.float32, device=meta)
+    bwd = _backward_launch(cfg, E, vecs, pos_k, tau, kd_T, outs[2:], outs[0], outs[1], dE)
+    return fwd + [bwd]
+
+
+@functools.lru_cache(maxsize=16)
+def _device_facts(device: torch.device) -> tuple[tuple[int, int], int]:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (props.major, props.minor), props.multi_processor_count
+    return (9, 0), ASSUMED_SM_COUNT
+
+
+def _device_config(E: Tensor, banks: Tensor, idx: Tensor, input_precision: str, block_k: int,
+                   split_k: int) -> _Config:
+    NE, B, D = E.shape
+    capability, sms = _device_facts(E.device)
+    return _config(NE, banks.shape[0], B, idx.shape[1], D, E.dtype, banks.dtype, input_precision or None,
+                   capability, sms, block_k, split_k)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# custom ops (usable inside torch.compile: DESIGN.md "Kernels")
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k):
     if E.dtype not in _SUPPORTED:
         raise TypeError(f"bank_rows kernel: E has dtype {E.dtype}; supported: fp32, bf16, fp16 (accumulation is "
                         f"fp32). For {E.dtype} use the reference backend")
@@ -340,8 +531,6 @@ def _check(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_vi
                          f"K={idx.shape[1]}")
     if not (tau > 0 and kd_T > 0):
         raise ValueError(f"bank_rows kernel: tau and kd_T must be > 0, got {tau}, {kd_T}")
-    if input_precision not in _PRECISIONS:
-        raise ValueError(f"input_precision must be one of {_PRECISIONS}, got {input_precision!r}")
     for name, v in (("ce_m", ce_m), ("ce_view", ce_view)):
         if v.shape != ce_u.shape:
             raise ValueError(f"bank_rows kernel: {name} has shape {list(v.shape)}, ce_u {list(ce_u.shape)}")
@@ -353,99 +542,72 @@ def _check(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_vi
             raise ValueError(f"bank_rows kernel: {name} is on {t.device}, E on {E.device}")
 
 
-def _prep(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, block_k):
-    lay = _layout(E, banks, block_k)
-    n_pad = lay["N_PAD"]
-
-    def combo(u, m):
-        return (u.long() * n_pad + m.long()).to(torch.int32).contiguous()
-
-    vecs = (combo(ce_u, ce_m), ce_view.to(torch.int32).contiguous(), combo(kl_su, kl_sm), combo(kl_tu, kl_tm),
-            kl_view.to(torch.int32).contiguous())
-    return lay, vecs
-
-
-def _meta(E, banks, idx, ce_u, kl_su, lay):
-    NE, B, D = E.shape
-    return dict(B=B, K=idx.shape[1], D=D, N_ROWS=banks.shape[1], NE=NE, N_BANKS=banks.shape[0],
-                NC=ce_u.shape[0], NK=kl_su.shape[0], NE_PAD=lay["NE_PAD"], N_PAD=lay["N_PAD"],
-                D_PAD=lay["D_PAD"], BLOCK_K=lay["BLOCK_K"], NC_PAD=_pow2(ce_u.shape[0]),
-                NK_PAD=_pow2(kl_su.shape[0]))
+def _vectors(*vecs: Tensor) -> tuple[Tensor, ...]:
+    return tuple(v.contiguous() for v in vecs)
 
 
 @torch.library.custom_op("fastmcl::bank_rows", mutates_args=())
 def _bank_rows_op(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_m: Tensor, ce_view: Tensor,
                   kl_su: Tensor, kl_sm: Tensor, kl_tu: Tensor, kl_tm: Tensor, kl_view: Tensor, tau: float,
-                  kd_T: float, pos_k: int, input_precision: str, block_k: int) -> tuple[Tensor, Tensor, Tensor]:
-    _check(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k,
-           input_precision)
-    lay, vecs = _prep(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, block_k)
-    NE, B, D = E.shape
-    ce = torch.empty(ce_u.shape[0], B, dtype=torch.float32, device=E.device)
-    kl = torch.empty(kl_su.shape[0], B, dtype=torch.float32, device=E.device)
-    stats = torch.empty(3, B, lay["C"], dtype=torch.float32, device=E.device)
-    if B == 0:
-        return ce, kl, stats
-    meta = _meta(E, banks, idx, ce_u, kl_su, lay)
-    _bank_rows_fwd_kernel[(B,)](
-        E.contiguous(), banks.detach().contiguous(), idx.contiguous(), *vecs, ce, kl, stats,
-        meta["B"], meta["K"], meta["D"], meta["N_ROWS"], meta["NE"], meta["N_BANKS"], meta["NC"], meta["NK"],
-        pos_k, float(tau), float(kd_T),
-        NE_PAD=meta["NE_PAD"], N_PAD=meta["N_PAD"], D_PAD=meta["D_PAD"], BLOCK_K=meta["BLOCK_K"],
-        NC_PAD=meta["NC_PAD"], NK_PAD=meta["NK_PAD"], PRECISION=input_precision, num_warps=lay["num_warps"])
-    return ce, kl, stats
+                  kd_T: float, pos_k: int, input_precision: str, block_k: int,
+                  split_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k)
+    cfg = _device_config(E, banks, idx, input_precision, block_k, split_k)
+    work, outs = _buffers(cfg, E.shape[1], ce_u.shape[0], kl_su.shape[0], E.device)
+    if E.shape[1] == 0:
+        return outs
+    vecs = _vectors(ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view)
+    for launch in _forward_launches(cfg, E.contiguous(), banks.detach().contiguous(), idx.contiguous(), vecs, pos_k,
+                                    tau, kd_T, work, outs):
+        launch.launch()
+    return outs
 
 
 @_bank_rows_op.register_fake
 def _(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k,
-      input_precision, block_k):
-    _check(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k,
-           input_precision)                                   # shape / dtype errors surface at trace time
-    _layout(E, banks, block_k)
-    NE, B, _ = E.shape
-    C = _pow2(NE) * _pow2(banks.shape[0], floor=1)
-    return (E.new_empty(ce_u.shape[0], B, dtype=torch.float32), E.new_empty(kl_su.shape[0], B, dtype=torch.float32),
-            E.new_empty(3, B, C, dtype=torch.float32))
+      input_precision, block_k, split_k):
+    _check(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k)
+    NE, B, D = E.shape
+    cfg = _config(NE, banks.shape[0], B, idx.shape[1], D, E.dtype, banks.dtype, input_precision or None, (9, 0),
+                  ASSUMED_SM_COUNT, block_k, split_k)              # shapes of the outputs do not depend on the GPU
+    f32 = dict(dtype=torch.float32)
+    return (E.new_empty(ce_u.shape[0], B, **f32), E.new_empty(kl_su.shape[0], B, **f32),
+            E.new_empty(B, _NSTAT, cfg.C, **f32), E.new_empty(B, cfg.rows, cfg.D_P, **f32),
+            E.new_empty(B, 2, cfg.N_P, cfg.D_P, **f32))
 
 
 @torch.library.custom_op("fastmcl::bank_rows_backward", mutates_args=())
-def _bank_rows_backward_op(g_ce: Tensor, g_kl: Tensor, stats: Tensor, E: Tensor, banks: Tensor, idx: Tensor,
-                           ce_u: Tensor, ce_m: Tensor, ce_view: Tensor, kl_su: Tensor, kl_sm: Tensor, kl_tu: Tensor,
-                           kl_tm: Tensor, kl_view: Tensor, tau: float, kd_T: float, pos_k: int,
-                           input_precision: str, block_k: int) -> Tensor:
-    lay, vecs = _prep(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, block_k)
-    NE, B, D = E.shape
-    # fp32 result, rounded to E's dtype by torch (round-to-nearest everywhere; the interpreter's in-kernel
-    # fp32 → bf16 cast truncates)
+def _bank_rows_backward_op(g_ce: Tensor, g_kl: Tensor, stats: Tensor, acc: Tensor, rows: Tensor, E: Tensor,
+                           banks: Tensor, idx: Tensor, ce_u: Tensor, ce_m: Tensor, ce_view: Tensor, kl_su: Tensor,
+                           kl_sm: Tensor, kl_tu: Tensor, kl_tm: Tensor, kl_view: Tensor, tau: float, kd_T: float,
+                           pos_k: int, input_precision: str, block_k: int, split_k: int) -> Tensor:
+    cfg = _device_config(E, banks, idx, input_precision, block_k, split_k)
+    # fp32 result, rounded to E's dtype by torch (round-to-nearest; the interpreter's in-kernel cast truncates)
     dE = torch.empty(E.shape, dtype=torch.float32, device=E.device)
-    if B == 0:
+    if E.shape[1] == 0:
         return dE.to(E.dtype)
-    meta = _meta(E, banks, idx, ce_u, kl_su, lay)
-    _bank_rows_bwd_kernel[(B,)](
-        E.contiguous(), banks.detach().contiguous(), idx.contiguous(), *vecs,
-        g_ce.float().contiguous(), g_kl.float().contiguous(), stats.contiguous(), dE,
-        meta["B"], meta["K"], meta["D"], meta["N_ROWS"], meta["NE"], meta["N_BANKS"], meta["NC"], meta["NK"],
-        pos_k, float(tau), float(kd_T),
-        NE_PAD=meta["NE_PAD"], N_PAD=meta["N_PAD"], D_PAD=meta["D_PAD"], BLOCK_K=meta["BLOCK_K"],
-        NC_PAD=meta["NC_PAD"], NK_PAD=meta["NK_PAD"], PRECISION=input_precision, num_warps=lay["num_warps"])
-    return dE.to(E.dtype)
+    vecs = _vectors(ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view)
+    _backward_launch(cfg, E, vecs, pos_k, tau, kd_T, (stats, acc, rows), g_ce.float().contiguous(),
+                     g_kl.float().contiguous(), dE).launch()
+    return dE if E.dtype == torch.float32 else dE.to(E.dtype)
 
 
 @_bank_rows_backward_op.register_fake
-def _(g_ce, g_kl, stats, E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T,
-      pos_k, input_precision, block_k):
+def _(g_ce, g_kl, stats, acc, rows, E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau,
+      kd_T, pos_k, input_precision, block_k, split_k):
     return torch.empty_like(E, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
     (E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k,
-     input_precision, block_k) = inputs
-    ctx.save_for_backward(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, output[2])
-    ctx.scalars = (tau, kd_T, pos_k, input_precision, block_k)
+     input_precision, block_k, split_k) = inputs
+    # E, banks and idx are kept only for their shapes / dtypes / device (no bank row is read again)
+    ctx.save_for_backward(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, *output[2:])
+    ctx.scalars = (tau, kd_T, pos_k, input_precision, block_k, split_k)
 
 
-def _backward(ctx, g_ce, g_kl, _g_stats):
-    E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, stats = ctx.saved_tensors
+def _backward(ctx, g_ce, g_kl, *_unused):
+    E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, stats, acc, rows = ctx.saved_tensors
     dE = None
     if ctx.needs_input_grad[0]:
         B = E.shape[1]
@@ -453,9 +615,9 @@ def _backward(ctx, g_ce, g_kl, _g_stats):
             g_ce = E.new_zeros(ce_u.shape[0], B, dtype=torch.float32)
         if g_kl is None:
             g_kl = E.new_zeros(kl_su.shape[0], B, dtype=torch.float32)
-        dE = _bank_rows_backward_op(g_ce, g_kl, stats, E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu,
-                                    kl_tm, kl_view, *ctx.scalars)
-    return (dE,) + (None,) * 15
+        dE = _bank_rows_backward_op(g_ce, g_kl, stats, acc, rows, E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm,
+                                    kl_tu, kl_tm, kl_view, *ctx.scalars)
+    return (dE,) + (None,) * 16
 
 
 _bank_rows_op.register_autograd(_backward, setup_context=_setup_context)
@@ -463,13 +625,16 @@ _bank_rows_op.register_autograd(_backward, setup_context=_setup_context)
 
 def bank_rows(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_m: Tensor, ce_view: Tensor,
               kl_su: Tensor, kl_sm: Tensor, kl_tu: Tensor, kl_tm: Tensor, kl_view: Tensor, tau: float,
-              kd_T: float, pos_k: int, *, input_precision: str = "ieee", block_k: int = 0) -> tuple[Tensor, Tensor]:
+              kd_T: float, pos_k: int, *, input_precision: str | None = None, block_k: int = 0,
+              split_k: int = 0) -> tuple[Tensor, Tensor]:
     """Fused `bank_rows_reference`: returns (ce [Nc, B], kl [Nk, B]) in fp32; gradient flows into E only.
 
     E [NE, B, D] fp32/bf16/fp16 (fp64 → TypeError), banks [n, N, D] (detached), idx [B, K] int64/int32 (values in
-    [0, N), not checked here), index vectors int64 (views bool/int). `input_precision` of the logit dots: "ieee"
-    (default, fp32-exact) or "tf32"/"tf32x3" (GPU speed switch). `block_k`: 0 = automatic, else a power of two ≥ 16.
+    [0, N), not checked here), index vectors int64 (views bool/int). `input_precision` of the fp32 dots: None picks
+    `DEFAULT_PRECISION` on sm_80+ ("ieee" below); "ieee" is fp32-exact. `block_k` (0 = automatic, else a power of
+    two ≥ 8) and `split_k` (0 = automatic, else the number of programs per row along K) override the heuristics.
     """
-    ce, kl, _ = _bank_rows_op(E, banks.detach(), idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view,
-                              float(tau), float(kd_T), int(pos_k), input_precision, int(block_k))
+    ce, kl, *_ = _bank_rows_op(E, banks.detach(), idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view,
+                               float(tau), float(kd_T), int(pos_k), input_precision or "", int(block_k),
+                               int(split_k))
     return ce, kl

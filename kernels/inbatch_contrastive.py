@@ -46,17 +46,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["inbatch_rows", "INPUT_PRECISIONS", "SUPPORTED_DTYPES"]
+from .launch import KernelLaunch
+
+__all__ = ["inbatch_rows", "launches", "DEFAULT_PRECISION", "INPUT_PRECISIONS", "SUPPORTED_DTYPES"]
 
 INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+DEFAULT_PRECISION = "tf32x3"      # tensor cores at near-fp32 accuracy (module docstring)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _BLOCK_M = 32      # forward: anchor rows per program
-_BLOCK_N_MAX = 128  # forward: column tile (a 128-wide row fits on chip)
+_BLOCK_N_MAX = 64   # forward: column tile (online log-sum-exp across tiles)
 _BLOCK_O = 32      # backward: owned rows (side 0) / columns (side 1) per program
 _BLOCK_X_MAX = 64   # backward: tile of the other side
-_BLOCK_DK_MAX = 64  # D-chunk of the logit GEMMs
+_BLOCK_DK_MAX = 32  # D-chunk of the logit GEMMs
 _BLOCK_DO_MAX = 128  # D-chunk of the backward output per program
+_NUM_WARPS = 8
+_NUM_STAGES = 2
 
 
 def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
@@ -65,44 +70,60 @@ def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# shared tile helper
+# shared tile helpers
 # ---------------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _logit_tile(E, a, b, ra, ma, rb, mb, B, D,
-                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DK: tl.constexpr, PREC: tl.constexpr):
-    """E[a, ra] · E[b, rb]ᵀ as a [BLOCK_A, BLOCK_B] fp32 tile (not yet divided by τ). a, b: int64 scalars."""
-    base_a = (a * B + ra) * D                                    # int64 [BLOCK_A]
-    base_b = (b * B + rb) * D                                    # int64 [BLOCK_B]
+def _logit_tile(Ea, ra, ma, Eb, rb, mb, D,
+                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DK: tl.constexpr, PREC: tl.constexpr,
+                NATIVE_DOT: tl.constexpr):
+    """Ea[ra] · Eb[rb]ᵀ as a [BLOCK_A, BLOCK_B] fp32 tile (not yet divided by τ). Ea, Eb: one embedding's [B, D] base
+    pointer (int64 offset applied once); ra, rb: int32 rows. NATIVE_DOT: bf16/fp16 operands straight into `tl.dot`
+    (their products are exact in the fp32 accumulator), else fp32 operands at precision PREC."""
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_DK):
         dk = d0 + tl.arange(0, BLOCK_DK)
         md = dk < D
-        xa = tl.load(E + base_a[:, None] + dk[None, :], mask=ma[:, None] & md[None, :], other=0.0).to(tl.float32)
-        xb = tl.load(E + base_b[:, None] + dk[None, :], mask=mb[:, None] & md[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(xa, tl.trans(xb), input_precision=PREC)
+        xa = tl.load(Ea + ra[:, None] * D + dk[None, :], mask=ma[:, None] & md[None, :], other=0.0)
+        xb = tl.load(Eb + rb[:, None] * D + dk[None, :], mask=mb[:, None] & md[None, :], other=0.0)
+        if NATIVE_DOT:
+            acc = tl.dot(xa, tl.trans(xb), acc)
+        else:
+            acc = tl.dot(xa.to(tl.float32), tl.trans(xb.to(tl.float32)), acc, input_precision=PREC)
     return acc
 
 
+@triton.jit
+def _embedding(E, e, B, D):
+    """Base pointer of embedding e (an int64 index) in E [NE, B, D]: the int64 offset is taken once, per program."""
+    return E + e * B * D
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# forward
+# forward: one kernel for the CE blocks, one for the KL blocks (each body compiled on its own: no shared register
+# budget with the other one)
 # ---------------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _ce_fwd_program(E, labels, ce_u, ce_v, ce_out, stats, blk, rm, mm, Nb, B, D, tau,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, PREC: tl.constexpr):
-    u = tl.load(ce_u + blk)
-    v = tl.load(ce_v + blk)
+def _ce_fwd_kernel(E, labels, ce_u, ce_v, ce_out, stats, Nb, B, D, inv_tau,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, PREC: tl.constexpr,
+                   NATIVE_DOT: tl.constexpr):
+    pid_m = tl.program_id(0)
+    blk = tl.program_id(1).to(tl.int64)
+    Eu = _embedding(E, tl.load(ce_u + blk), B, D)
+    Ev = _embedding(E, tl.load(ce_v + blk), B, D)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mm = rm < B
     lab_m = tl.load(labels + rm, mask=mm, other=0)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     z_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     n_pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, B, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        rn = n0 + tl.arange(0, BLOCK_N)
         mn = rn < B
-        lab_n = tl.load(labels + rn, mask=mn, other=0)
-        s = _logit_tile(E, u, v, rm, mm, rn, mn, B, D, BLOCK_M, BLOCK_N, BLOCK_DK, PREC) / tau
+        lab_n = tl.load(labels + rn, mask=mn, other=-1)
+        s = _logit_tile(Eu, rm, mm, Ev, rn, mn, D, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, NATIVE_DOT) * inv_tau
         denom = mn[None, :] & (rm[:, None] != rn[None, :])               # M = 1 − I, ragged columns out
         pos = denom & (lab_m[:, None] == lab_n[None, :])                 # P = same label − I
         s_m = tl.where(denom, s, float("-inf"))
@@ -114,176 +135,223 @@ def _ce_fwd_program(E, labels, ce_u, ce_v, ce_out, stats, blk, rm, mm, Nb, B, D,
         n_pos += tl.sum(pos.to(tl.float32), axis=1)
     lse = m_i + tl.log(z_i)                                             # −inf only when B = 1
     row = tl.where(n_pos > 0, lse - pos_sum / tl.maximum(n_pos, 1.0), 0.0)
-    blk64 = blk.to(tl.int64)
-    tl.store(ce_out + blk64 * B + rm, row, mask=mm)
-    tl.store(stats + blk64 * B + rm, lse, mask=mm)
-    tl.store(stats + (Nb + blk64) * B + rm, n_pos, mask=mm)
+    tl.store(ce_out + blk * B + rm, row, mask=mm)
+    tl.store(stats + blk * B + rm, lse, mask=mm)
+    tl.store(stats + (Nb + blk) * B + rm, n_pos, mask=mm)
 
 
 @triton.jit
-def _kl_fwd_program(E, kl_su, kl_sv, kl_tu, kl_tv, kl_out, stats, k, blk, rm, mm, Nb, B, D, tau, kd_T,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, PREC: tl.constexpr):
-    su = tl.load(kl_su + k)
-    sv = tl.load(kl_sv + k)
-    tu = tl.load(kl_tu + k)
-    tv = tl.load(kl_tv + k)
+def _kl_fwd_kernel(E, kl_su, kl_sv, kl_tu, kl_tv, kl_out, stats, Nc, Nb, B, D, inv_tau_T,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, PREC: tl.constexpr,
+                   NATIVE_DOT: tl.constexpr):
+    pid_m = tl.program_id(0)
+    k = tl.program_id(1).to(tl.int64)
+    blk = Nc + k                                                         # stats rows: CE blocks first, then KL
+    Esu = _embedding(E, tl.load(kl_su + k), B, D)
+    Esv = _embedding(E, tl.load(kl_sv + k), B, D)
+    Etu = _embedding(E, tl.load(kl_tu + k), B, D)
+    Etv = _embedding(E, tl.load(kl_tv + k), B, D)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mm = rm < B
     m_s = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     z_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_t = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     z_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
     cross = tl.zeros((BLOCK_M,), dtype=tl.float32)                      # Σ exp(t − m_t)(t − s)
     for n0 in range(0, B, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        rn = n0 + tl.arange(0, BLOCK_N)
         mn = rn < B                                                      # every tile has ≥ 1 valid column
-        s = _logit_tile(E, su, sv, rm, mm, rn, mn, B, D, BLOCK_M, BLOCK_N, BLOCK_DK, PREC) / tau / kd_T
-        t = _logit_tile(E, tu, tv, rm, mm, rn, mn, B, D, BLOCK_M, BLOCK_N, BLOCK_DK, PREC) / tau / kd_T
-        t_minus_s = tl.where(mn[None, :], t - s, 0.0)                    # finite: padded logits are 0 here
-        s = tl.where(mn[None, :], s, float("-inf"))
-        t = tl.where(mn[None, :], t, float("-inf"))
-        ms_new = tl.maximum(m_s, tl.max(s, axis=1))
-        z_s = z_s * tl.exp(m_s - ms_new) + tl.sum(tl.exp(s - ms_new[:, None]), axis=1)
+        s = _logit_tile(Esu, rm, mm, Esv, rn, mn, D, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, NATIVE_DOT) * inv_tau_T
+        ms_new = tl.maximum(m_s, tl.max(tl.where(mn[None, :], s, float("-inf")), axis=1))
+        z_s = z_s * tl.exp(m_s - ms_new) + tl.sum(tl.where(mn[None, :], tl.exp(s - ms_new[:, None]), 0.0), axis=1)
         m_s = ms_new
-        mt_new = tl.maximum(m_t, tl.max(t, axis=1))
+        t = _logit_tile(Etu, rm, mm, Etv, rn, mn, D, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, NATIVE_DOT) * inv_tau_T
+        mt_new = tl.maximum(m_t, tl.max(tl.where(mn[None, :], t, float("-inf")), axis=1))
         alpha = tl.exp(m_t - mt_new)
-        p_t = tl.exp(t - mt_new[:, None])
+        p_t = tl.where(mn[None, :], tl.exp(t - mt_new[:, None]), 0.0)     # padded logits are 0: t − s stays finite
         z_t = z_t * alpha + tl.sum(p_t, axis=1)
-        cross = cross * alpha + tl.sum(p_t * t_minus_s, axis=1)
+        cross = cross * alpha + tl.sum(p_t * (t - s), axis=1)
         m_t = mt_new
-    lse_s = m_s + tl.log(z_s)
-    lse_t = m_t + tl.log(z_t)
     # centred form (DESIGN.md "Kernels"); lse_t − lse_s taken as (m_t − m_s) + log(z_t / z_s), which avoids
-    # subtracting two ~log(B)-sized numbers (about 5× closer to fp64 than the difference of the two lse at B = 128)
+    # subtracting two ~log(B)-sized numbers
     row = cross / z_t - ((m_t - m_s) + tl.log(z_t / z_s))
-    blk64 = blk.to(tl.int64)
-    tl.store(kl_out + k.to(tl.int64) * B + rm, row, mask=mm)
-    tl.store(stats + blk64 * B + rm, lse_s, mask=mm)
-    tl.store(stats + (Nb + blk64) * B + rm, lse_t, mask=mm)
-
-
-@triton.jit
-def _inbatch_fwd_kernel(E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv, ce_out, kl_out, stats,
-                        Nc, Nb, B, D, tau, kd_T,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    blk = tl.program_id(1)                                               # blocks: Nc CE blocks, then Nk KL blocks
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    mm = rm < B
-    if blk < Nc:
-        _ce_fwd_program(E, labels, ce_u, ce_v, ce_out, stats, blk, rm, mm, Nb, B, D, tau,
-                        BLOCK_M, BLOCK_N, BLOCK_DK, PREC)
-    else:
-        _kl_fwd_program(E, kl_su, kl_sv, kl_tu, kl_tv, kl_out, stats, blk - Nc, blk, rm, mm, Nb, B, D, tau, kd_T,
-                        BLOCK_M, BLOCK_N, BLOCK_DK, PREC)
+    tl.store(kl_out + k * B + rm, row, mask=mm)
+    tl.store(stats + blk * B + rm, m_s + tl.log(z_s), mask=mm)
+    tl.store(stats + (Nb + blk) * B + rm, m_t + tl.log(z_t), mask=mm)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# backward
+# backward: one kernel for the CE blocks, one for the KL blocks. Grid axis 2 = side · ND + D-chunk: side 0 owns rows
+# of the block's anchor embedding e_u, side 1 rows of its contrast embedding e_v (E[v] E[u]ᵀ = Sᵀ, no transpose).
+# Element (o, x) of a program's tile is S[i, j] with (i, j) = (o, x) on side 0 and (x, o) on side 1, so a per-row
+# statistic of S is a 1-D load over the owned rows (side 0) or over the other side's rows (side 1).
 # ---------------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _rows(E, e, rx, mx, dcols, mdc, B, D):
-    """Rows rx of embedding e, columns dcols: a [BLOCK_X, BLOCK_DO] fp32 tile (masked rows/columns are 0)."""
-    return tl.load(E + ((e * B + rx) * D)[:, None] + dcols[None, :], mask=mx[:, None] & mdc[None, :],
-                   other=0.0).to(tl.float32)
+def _rows(Eb, rx, mx, dcols, mdc, D):
+    """Rows rx of one embedding, columns dcols: a [BLOCK_X, BLOCK_DO] fp32 tile (masked rows/columns are 0)."""
+    return tl.load(Eb + rx[:, None] * D + dcols[None, :], mask=mx[:, None] & mdc[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _store_partial(partial, tile, slot, ro, mo, dcols, mdc, B, D):
-    """Write one program's dE tile into its own partial slot (summed over slots on the host: no atomics)."""
-    tl.store(partial + ((slot * B + ro) * D)[:, None] + dcols[None, :], tile, mask=mo[:, None] & mdc[None, :])
+def _anchor_stat(ptr, side, ro, mo, rx, mx):
+    """A per-anchor-row statistic as a [BLOCK_O, BLOCK_X] tile from one 1-D load of the side that holds the anchor."""
+    v_o = tl.load(ptr + ro, mask=mo & (side == 0), other=0.0)
+    v_x = tl.load(ptr + rx, mask=mx & (side == 1), other=0.0)
+    return v_o[:, None] + v_x[None, :]                                 # the other side's load gave zeros
 
 
 @triton.jit
-def _ce_bwd_program(E, labels, ce_u, ce_v, g_ce, stats, partial, blk, side, ro, mo, dcols, mdc, Nb, B, D, tau,
-                    BLOCK_O: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DO: tl.constexpr,
-                    PREC: tl.constexpr):
+def _ce_bwd_kernel(E, labels, ce_u, ce_v, g_ce, stats, partial, Nb, B, D, ND, inv_tau,
+                   BLOCK_O: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DO: tl.constexpr,
+                   PREC: tl.constexpr, NATIVE_DOT: tl.constexpr):
+    pid_o = tl.program_id(0)
+    blk = tl.program_id(1).to(tl.int64)
+    pid_z = tl.program_id(2)
+    side = pid_z // ND
+    dcols = (pid_z % ND) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mdc = dcols < D
     u = tl.load(ce_u + blk)
     v = tl.load(ce_v + blk)
-    side64 = side.to(tl.int64)
-    a = u + side64 * (v - u)                  # owned side: anchors e_u (side 0) or contrasts e_v (side 1)
-    b = v + side64 * (u - v)                  # the other side
-    blk64 = blk.to(tl.int64)
+    Ea = _embedding(E, tl.where(side == 0, u, v), B, D)                 # owned side
+    Eb = _embedding(E, tl.where(side == 0, v, u), B, D)                 # the other side
+    ro = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    mo = ro < B
     lab_o = tl.load(labels + ro, mask=mo, other=0)
     acc = tl.zeros((BLOCK_O, BLOCK_DO), dtype=tl.float32)
     for x0 in range(0, B, BLOCK_X):
-        rx = x0 + tl.arange(0, BLOCK_X).to(tl.int64)
+        rx = x0 + tl.arange(0, BLOCK_X)
         mx = rx < B
-        lab_x = tl.load(labels + rx, mask=mx, other=0)
-        # element (o, x) is S[i, j] with (i, j) = (o, x) on side 0 and (x, o) on side 1 (E[v] E[u]ᵀ = Sᵀ)
-        s = _logit_tile(E, a, b, ro, mo, rx, mx, B, D, BLOCK_O, BLOCK_X, BLOCK_DK, PREC) / tau
-        ri = ro[:, None] * (1 - side64) + rx[None, :] * side64                 # anchor row i of each element
-        valid = mo[:, None] & mx[None, :]
-        offdiag = valid & (ro[:, None] != rx[None, :])
-        pos = offdiag & (lab_o[:, None] == lab_x[None, :])
-        g = tl.load(g_ce + blk64 * B + ri, mask=valid, other=0.0)
-        lse = tl.load(stats + blk64 * B + ri, mask=valid, other=0.0)
-        n_pos = tl.load(stats + (Nb + blk64) * B + ri, mask=valid, other=0.0)
-        live = offdiag & (n_pos > 0)                                            # rows with no positive: no grad
-        p = tl.where(live, tl.exp(s - lse), 0.0)
-        ds = tl.where(live, g * (p - tl.where(pos, 1.0, 0.0) / tl.maximum(n_pos, 1.0)), 0.0)
-        acc += tl.dot(ds, _rows(E, b, rx, mx, dcols, mdc, B, D), input_precision=PREC)
-    _store_partial(partial, acc / tau, side64 * Nb + blk64, ro, mo, dcols, mdc, B, D)
+        lab_x = tl.load(labels + rx, mask=mx, other=-1)
+        s = _logit_tile(Ea, ro, mo, Eb, rx, mx, D, BLOCK_O, BLOCK_X, BLOCK_DK, PREC, NATIVE_DOT) * inv_tau
+        g = _anchor_stat(g_ce + blk * B, side, ro, mo, rx, mx)
+        lse = _anchor_stat(stats + blk * B, side, ro, mo, rx, mx)
+        n_pos = _anchor_stat(stats + (Nb + blk) * B, side, ro, mo, rx, mx)
+        offdiag = mo[:, None] & mx[None, :] & (ro[:, None] != rx[None, :])
+        live = offdiag & (n_pos > 0)                                    # rows with no positive: no gradient
+        pos = tl.where(lab_o[:, None] == lab_x[None, :], 1.0, 0.0)
+        ds = tl.where(live, g * (tl.exp(s - lse) - pos / tl.maximum(n_pos, 1.0)), 0.0)
+        acc = tl.dot(ds, _rows(Eb, rx, mx, dcols, mdc, D), acc, input_precision=PREC)
+    slot = side.to(tl.int64) * Nb + blk
+    tl.store(partial + slot * B * D + ro[:, None] * D + dcols[None, :], acc * inv_tau,
+             mask=mo[:, None] & mdc[None, :])
 
 
 @triton.jit
-def _kl_bwd_program(E, kl_su, kl_sv, kl_tu, kl_tv, g_kl, stats, partial, k, blk, side, ro, mo, dcols, mdc,
-                    Nb, B, D, tau, kd_T,
-                    BLOCK_O: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DO: tl.constexpr,
-                    PREC: tl.constexpr):
+def _kl_bwd_kernel(E, kl_su, kl_sv, kl_tu, kl_tv, g_kl, stats, partial, Nc, Nb, B, D, ND, inv_tau_T,
+                   BLOCK_O: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DO: tl.constexpr,
+                   PREC: tl.constexpr, NATIVE_DOT: tl.constexpr):
+    pid_o = tl.program_id(0)
+    k = tl.program_id(1).to(tl.int64)
+    pid_z = tl.program_id(2)
+    side = pid_z // ND
+    dcols = (pid_z % ND) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mdc = dcols < D
+    blk = Nc + k
     su = tl.load(kl_su + k)
     sv = tl.load(kl_sv + k)
     tu = tl.load(kl_tu + k)
     tv = tl.load(kl_tv + k)
-    side64 = side.to(tl.int64)
-    a_s = su + side64 * (sv - su)
-    b_s = sv + side64 * (su - sv)
-    a_t = tu + side64 * (tv - tu)              # the teacher tile is recomputed for p_t only: it gets no gradient
-    b_t = tv + side64 * (tu - tv)
-    blk64 = blk.to(tl.int64)
+    Ea_s = _embedding(E, tl.where(side == 0, su, sv), B, D)
+    Eb_s = _embedding(E, tl.where(side == 0, sv, su), B, D)
+    Ea_t = _embedding(E, tl.where(side == 0, tu, tv), B, D)          # the teacher tile is recomputed for p_t only
+    Eb_t = _embedding(E, tl.where(side == 0, tv, tu), B, D)
+    ro = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    mo = ro < B
     acc = tl.zeros((BLOCK_O, BLOCK_DO), dtype=tl.float32)
     for x0 in range(0, B, BLOCK_X):
-        rx = x0 + tl.arange(0, BLOCK_X).to(tl.int64)
+        rx = x0 + tl.arange(0, BLOCK_X)
         mx = rx < B
-        s = _logit_tile(E, a_s, b_s, ro, mo, rx, mx, B, D, BLOCK_O, BLOCK_X, BLOCK_DK, PREC) / tau / kd_T
-        t = _logit_tile(E, a_t, b_t, ro, mo, rx, mx, B, D, BLOCK_O, BLOCK_X, BLOCK_DK, PREC) / tau / kd_T
-        ri = ro[:, None] * (1 - side64) + rx[None, :] * side64
         valid = mo[:, None] & mx[None, :]
-        g = tl.load(g_kl + k.to(tl.int64) * B + ri, mask=valid, other=0.0)
-        lse_s = tl.load(stats + blk64 * B + ri, mask=valid, other=0.0)
-        lse_t = tl.load(stats + (Nb + blk64) * B + ri, mask=valid, other=0.0)
-        ds = tl.where(valid, g * (tl.exp(s - lse_s) - tl.exp(t - lse_t)) / kd_T, 0.0)   # ∂KL/∂S_s
-        acc += tl.dot(ds, _rows(E, b_s, rx, mx, dcols, mdc, B, D), input_precision=PREC)
-    _store_partial(partial, acc / tau, side64 * Nb + blk64, ro, mo, dcols, mdc, B, D)
-
-
-@triton.jit
-def _inbatch_bwd_kernel(E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv, g_ce, g_kl, stats, partial,
-                        Nc, Nb, B, D, ND, tau, kd_T,
-                        BLOCK_O: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_DK: tl.constexpr,
-                        BLOCK_DO: tl.constexpr, PREC: tl.constexpr):
-    pid_o = tl.program_id(0)
-    blk = tl.program_id(1)
-    pid_z = tl.program_id(2)
-    side = pid_z // ND                         # 0: grad of the block's anchor embedding, 1: of its contrast embedding
-    dc = pid_z % ND
-    ro = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
-    mo = ro < B
-    dcols = dc.to(tl.int64) * BLOCK_DO + tl.arange(0, BLOCK_DO).to(tl.int64)
-    mdc = dcols < D
-    if blk < Nc:
-        _ce_bwd_program(E, labels, ce_u, ce_v, g_ce, stats, partial, blk, side, ro, mo, dcols, mdc, Nb, B, D, tau,
-                        BLOCK_O, BLOCK_X, BLOCK_DK, BLOCK_DO, PREC)
-    else:
-        _kl_bwd_program(E, kl_su, kl_sv, kl_tu, kl_tv, g_kl, stats, partial, blk - Nc, blk, side, ro, mo, dcols, mdc,
-                        Nb, B, D, tau, kd_T, BLOCK_O, BLOCK_X, BLOCK_DK, BLOCK_DO, PREC)
+        s = _logit_tile(Ea_s, ro, mo, Eb_s, rx, mx, D, BLOCK_O, BLOCK_X, BLOCK_DK, PREC, NATIVE_DOT) * inv_tau_T
+        ds = tl.exp(s - _anchor_stat(stats + blk * B, side, ro, mo, rx, mx))
+        t = _logit_tile(Ea_t, ro, mo, Eb_t, rx, mx, D, BLOCK_O, BLOCK_X, BLOCK_DK, PREC, NATIVE_DOT) * inv_tau_T
+        ds -= tl.exp(t - _anchor_stat(stats + (Nb + blk) * B, side, ro, mo, rx, mx))
+        ds = tl.where(valid, ds * _anchor_stat(g_kl + k * B, side, ro, mo, rx, mx), 0.0)    # ∂KL/∂S_s · T
+        acc = tl.dot(ds, _rows(Eb_s, rx, mx, dcols, mdc, D), acc, input_precision=PREC)
+    slot = side.to(tl.int64) * Nb + blk
+    tl.store(partial + slot * B * D + ro[:, None] * D + dcols[None, :], acc * inv_tau_T,
+             mask=mo[:, None] & mdc[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# launchers and custom ops
+# launch plan (the launchers below and the GPU-readiness test both read it) and custom ops
 # ---------------------------------------------------------------------------------------------------------------------
+
+def _native_dot(dtype: torch.dtype) -> bool:
+    """bf16/fp16 operands go straight into `tl.dot` on a GPU; the interpreter computes such dots wrongly, so there
+    they are upcast first (the same exact products: a bf16/fp16 value is exact in fp32)."""
+    return dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _tiles(B: int, D: int) -> dict:
+    return {"BLOCK_M": _pow2(B, hi=_BLOCK_M), "BLOCK_N": _pow2(B, hi=_BLOCK_N_MAX), "BLOCK_O": _pow2(B, hi=_BLOCK_O),
+            "BLOCK_X": _pow2(B, hi=_BLOCK_X_MAX), "BLOCK_DK": _pow2(D, hi=_BLOCK_DK_MAX),
+            "BLOCK_DO": _pow2(D, hi=_BLOCK_DO_MAX)}
+
+
+def _forward_launches(E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv, ce, kl, stats, tau, kd_T,
+                      input_precision) -> list[KernelLaunch]:
+    _, B, D = E.shape
+    Nc, Nk = ce_u.shape[0], kl_su.shape[0]
+    Nb = Nc + Nk
+    t = _tiles(B, D)
+    common = {"BLOCK_M": t["BLOCK_M"], "BLOCK_N": t["BLOCK_N"], "BLOCK_DK": t["BLOCK_DK"], "PREC": input_precision,
+              "NATIVE_DOT": _native_dot(E.dtype)}
+    rows = triton.cdiv(B, t["BLOCK_M"])
+    out = []
+    if Nc:
+        out.append(KernelLaunch.of("inbatch.ce_fwd", _ce_fwd_kernel, (rows, Nc),
+                                   (E, labels, ce_u, ce_v, ce, stats, Nb, B, D, 1.0 / tau), common,
+                                   num_warps=_NUM_WARPS, num_stages=_NUM_STAGES))
+    if Nk:
+        out.append(KernelLaunch.of("inbatch.kl_fwd", _kl_fwd_kernel, (rows, Nk),
+                                   (E, kl_su, kl_sv, kl_tu, kl_tv, kl, stats, Nc, Nb, B, D, 1.0 / (tau * kd_T)),
+                                   common, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES))
+    return out
+
+
+def _backward_launches(E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv, g_ce, g_kl, stats, partial, tau, kd_T,
+                       input_precision) -> list[KernelLaunch]:
+    _, B, D = E.shape
+    Nc, Nk = ce_u.shape[0], kl_su.shape[0]
+    Nb = Nc + Nk
+    t = _tiles(B, D)
+    common = {"BLOCK_O": t["BLOCK_O"], "BLOCK_X": t["BLOCK_X"], "BLOCK_DK": t["BLOCK_DK"], "BLOCK_DO": t["BLOCK_DO"],
+              "PREC": input_precision, "NATIVE_DOT": _native_dot(E.dtype)}
+    ND = triton.cdiv(D, t["BLOCK_DO"])
+    rows = triton.cdiv(B, t["BLOCK_O"])
+    out = []
+    if Nc:
+        out.append(KernelLaunch.of("inbatch.ce_bwd", _ce_bwd_kernel, (rows, Nc, 2 * ND),
+                                   (E, labels, ce_u, ce_v, g_ce, stats, partial, Nb, B, D, ND, 1.0 / tau), common,
+                                   num_warps=_NUM_WARPS, num_stages=_NUM_STAGES))
+    if Nk:
+        out.append(KernelLaunch.of("inbatch.kl_bwd", _kl_bwd_kernel, (rows, Nk, 2 * ND),
+                                   (E, kl_su, kl_sv, kl_tu, kl_tv, g_kl, stats, partial, Nc, Nb, B, D, ND,
+                                    1.0 / (tau * kd_T)),
+                                   common, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES))
+    return out
+
+
+def launches(E: Tensor, labels: Tensor, ce_u: Tensor, ce_v: Tensor, kl_su: Tensor, kl_sv: Tensor, kl_tu: Tensor,
+             kl_tv: Tensor, tau: float, kd_T: float, *, input_precision: str = DEFAULT_PRECISION) -> list[KernelLaunch]:
+    """Every kernel launch of one forward + backward call of `inbatch_rows` on these arguments, as the launchers
+    issue them (same code path). Tensors may be on the `meta` device: only shapes and dtypes are read."""
+    E, labels, idx = _prep(E, labels, (ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv))
+    _, B, D = E.shape
+    Nc, Nk = ce_u.shape[0], kl_su.shape[0]
+    f32 = {"dtype": torch.float32, "device": E.device}
+    stats = torch.empty((2, Nc + Nk, B), **f32)
+    fwd = _forward_launches(E, labels, *idx, torch.empty((Nc, B), **f32), torch.empty((Nk, B), **f32), stats, tau,
+                            kd_T, input_precision)
+    bwd = _backward_launches(E, labels, *idx, torch.empty((Nc, B), **f32), torch.empty((Nk, B), **f32), stats,
+                             torch.empty((2, Nc + Nk, B, D), **f32), tau, kd_T, input_precision)
+    return fwd + bwd
+
 
 def _prep(E, labels, idx):
-    return E.contiguous(), labels.to(torch.int64).contiguous(), [i.to(torch.int64).contiguous() for i in idx]
+    return E.contiguous(), labels.to(torch.int32).contiguous(), [i.to(torch.int64).contiguous() for i in idx]
 
 
 def _forward_impl(E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv, tau, kd_T, input_precision):
@@ -295,15 +363,9 @@ def _forward_impl(E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv, tau, kd_T, 
     stats = torch.empty((2, Nb, B), dtype=torch.float32, device=E.device)
     if Nb == 0:
         return ce, kl, stats
-    E, labels, (ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv) = _prep(E, labels, (ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv))
-    BLOCK_M = _pow2(B, hi=_BLOCK_M)
-    BLOCK_N = _pow2(B, hi=_BLOCK_N_MAX)
-    BLOCK_DK = _pow2(D, hi=_BLOCK_DK_MAX)
-    grid = (triton.cdiv(B, BLOCK_M), Nb)
-    _inbatch_fwd_kernel[grid](E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv, ce, kl, stats,
-                              Nc, Nb, B, D, float(tau), float(kd_T),
-                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DK=BLOCK_DK, PREC=input_precision,
-                              num_warps=4)
+    E, labels, idx = _prep(E, labels, (ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv))
+    for launch in _forward_launches(E, labels, *idx, ce, kl, stats, tau, kd_T, input_precision):
+        launch.launch()
     return ce, kl, stats
 
 
@@ -314,22 +376,15 @@ def _backward_impl(g_ce, g_kl, E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv
     Nb = Nc + Nk
     if Nb == 0:
         return torch.zeros_like(E)
-    E, labels, (ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv) = _prep(E, labels, (ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv))
+    E, labels, idx = _prep(E, labels, (ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv))
     g_ce = g_ce.to(torch.float32).contiguous()
     g_kl = g_kl.to(torch.float32).contiguous()
-    stats = stats.contiguous()
     partial = torch.empty((2, Nb, B, D), dtype=torch.float32, device=E.device)
-    BLOCK_O = _pow2(B, hi=_BLOCK_O)
-    BLOCK_X = _pow2(B, hi=_BLOCK_X_MAX)
-    BLOCK_DK = _pow2(D, hi=_BLOCK_DK_MAX)
-    BLOCK_DO = _pow2(D, hi=_BLOCK_DO_MAX)
-    ND = triton.cdiv(D, BLOCK_DO)
-    grid = (triton.cdiv(B, BLOCK_O), Nb, 2 * ND)
-    _inbatch_bwd_kernel[grid](E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv, g_ce, g_kl, stats, partial,
-                              Nc, Nb, B, D, ND, float(tau), float(kd_T),
-                              BLOCK_O=BLOCK_O, BLOCK_X=BLOCK_X, BLOCK_DK=BLOCK_DK, BLOCK_DO=BLOCK_DO,
-                              PREC=input_precision, num_warps=4)
+    for launch in _backward_launches(E, labels, *idx, g_ce, g_kl, stats.contiguous(), partial, tau, kd_T,
+                                     input_precision):
+        launch.launch()
     # Sum the per-(side, block) partial gradients into dE by embedding index: one deterministic one-hot GEMM.
+    ce_u, ce_v, kl_su, kl_sv = idx[:4]
     owner = torch.cat([ce_u, kl_su, ce_v, kl_sv])                       # partial's [2, Nb] order
     onehot = (owner[None, :] == torch.arange(NE, device=E.device)[:, None]).to(torch.float32)
     dE = onehot @ partial.view(2 * Nb, B * D)
@@ -435,11 +490,12 @@ def _describe(x) -> str:
 
 
 def inbatch_rows(E: Tensor, labels: Tensor, ce_u: Tensor, ce_v: Tensor, kl_su: Tensor, kl_sv: Tensor, kl_tu: Tensor,
-                 kl_tv: Tensor, tau: float, kd_T: float, *, input_precision: str = "ieee") -> tuple[Tensor, Tensor]:
+                 kl_tv: Tensor, tau: float, kd_T: float, *,
+                 input_precision: str = DEFAULT_PRECISION) -> tuple[Tensor, Tensor]:
     """Fused `inbatch_rows_reference`: (ce [Nc, B], kl [Nk, B]) in fp32, differentiable w.r.t. E (student side only).
 
     E [NE, B, D] fp32/bf16/fp16 (fp64 raises TypeError); labels [B] int; index tensors 1-D int in [0, NE).
-    input_precision: "ieee" (default), "tf32" or "tf32x3" for every tl.dot (see the module docstring).
+    input_precision: "tf32x3" (default), "tf32" or "ieee" for the fp32 `tl.dot`s (see the module docstring).
     """
     idx = (ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv)
     _check(E, labels, idx, tau, kd_T, input_precision)

@@ -9,6 +9,7 @@ that skip without CUDA.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -418,8 +419,8 @@ def test_find_undecodable_pil_first_then_dali_one_by_one(tmp_path, monkeypatch):
     assert path == str(bad) and str(bad) in why
     assert find_undecodable([p for p in paths if p != str(bad)]) is None       # DALI decodes every good file
     # a file PIL would accept but DALI rejects: found by the one-by-one DALI check
-    import fastmcl.data.dali as dali_mod
-    monkeypatch.setattr(dali_mod, "load_rgb", lambda p: None)
+    import fastmcl.data.dali.diagnosis as diagnosis
+    monkeypatch.setattr(diagnosis, "load_rgb", lambda p: None)
     path, why = find_undecodable(paths)
     assert path == str(bad) and "DALI's decoder rejects it" in why
 
@@ -480,9 +481,9 @@ def test_traindata_dali_small_tree_matches_in_memory_path(small_tree):
     assert source.cifar_style and cfg.image_size == 32
     dali = TrainData(cfg, source, torch.device("cpu"), m_per_class=2)
     mem = TrainData(mem_cfg, source, torch.device("cpu"), m_per_class=2)
-    assert dali.resident is None and mem.resident is not None
-    mean, std = mem.resident[4], mem.resident[5]
-    assert np.allclose(dali.dali_train.mean, mean, atol=1e-6) and np.allclose(dali.dali_train.std, std, atol=1e-6)
+    assert dali.loader_name.startswith("DALI") and mem.loader_name == "in-memory tensors on the device"
+    mean, std = mem.batches.mean, mem.batches.std
+    assert np.allclose(dali.batches.mean, mean, atol=1e-6) and np.allclose(dali.batches.std, std, atol=1e-6)
     level = 1.0 / (255 * min(std))
     for (x, y, index), (mx, my, mindex) in zip(dali.train_batches(1, 1), mem.train_batches(1, 1), strict=True):
         assert torch.equal(index, mindex) and torch.equal(y, my)
@@ -510,6 +511,17 @@ def test_traindata_dali_gpu_needs_cuda_device(tree):
 def test_cli_rejects_bad_dali_flags(tmp_path, capsys, flag, value, match):
     rc = main(["--data", "synthetic", "--dali", flag, value, "--out", str(tmp_path / "r"), "--no-progress"])
     assert rc == 2 and match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value,match", [("dali_device", "tpu", "--dali-device"),
+                                               ("hw_decoder_load", 1.5, "--hw-decoder-load"),
+                                               ("dali_threads", 0, "--dali-threads"),
+                                               ("dali_prefetch", 0, "--dali-prefetch")])
+def test_traindata_checks_dali_options_before_the_source(field, value, match):
+    """The data layer checks the DALI options itself (whatever the config validated), before refusing the source."""
+    cfg, source = _cfg("synthetic", dali=True, image_size=16)
+    with pytest.raises(DataError, match=match):
+        TrainData(dataclasses.replace(cfg, **{field: value}), source, torch.device("cpu"), m_per_class=0)
 
 
 def test_trainer_dali_cpu_end_to_end_with_exact_resume(small_tree, tmp_path):

@@ -14,6 +14,7 @@ from PIL import Image
 import fastmcl.data as D
 from fastmcl.data import DataError
 from fastmcl.data import digits as digits_mod
+from support.tensor_dataset import TensorImageDataset
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,19 +341,19 @@ def test_load_cifar100_corrupt_or_hostile(tmp_path):
 def test_tensor_image_dataset(tmp_path):
     _fake_cifar(tmp_path / "cifar-100-python", n_train=8)
     images, labels = D.load_cifar100(tmp_path, train=True)
-    val = D.TensorImageDataset(images, labels, train=False)
+    val = TensorImageDataset(images, labels, train=False)
     x, y, i = val[3]
     assert x.shape == (3, 32, 32) and y == int(labels[3]) and i == 3
     assert torch.allclose(x, D.normalize(images[3], D.CIFAR100_MEAN, D.CIFAR100_STD))
-    nhwc = D.TensorImageDataset(images.permute(0, 2, 3, 1).contiguous(), labels, train=False)
+    nhwc = TensorImageDataset(images.permute(0, 2, 3, 1).contiguous(), labels, train=False)
     assert torch.equal(nhwc[3][0], x)
-    tr = D.TensorImageDataset(images, labels, train=True, aug_seed=7)
+    tr = TensorImageDataset(images, labels, train=True, aug_seed=7)
     tr.set_epoch(4)
     idx = torch.arange(8)
     batch = D.normalize(D.cifar_augment(images, index=idx, seed=7, epoch=4), D.CIFAR100_MEAN, D.CIFAR100_STD)
     assert torch.equal(torch.stack([tr[k][0] for k in range(8)]), batch)        # per-item == on-device batch
     with pytest.raises(DataError, match="labels"):
-        D.TensorImageDataset(images, labels[:3], train=True)
+        TensorImageDataset(images, labels[:3], train=True)
 
 
 def test_synthetic_dataset():
@@ -370,8 +371,8 @@ def test_synthetic_dataset():
 
 def _labels_with_small_classes():
     counts = [1, 3, 5, 8, 2] + [6] * 15                                      # 20 classes, some below m
-    return torch.tensor(sum(([c] * n for c, n in enumerate(counts)), []))[torch.randperm(sum(counts),
-                                                                                        generator=torch.Generator().manual_seed(1))]
+    labels = torch.tensor(sum(([c] * n for c, n in enumerate(counts)), []))
+    return labels[torch.randperm(sum(counts), generator=torch.Generator().manual_seed(1))]
 
 
 @pytest.mark.parametrize("m,batch_size", [(2, 16), (4, 24), (1, 8)])

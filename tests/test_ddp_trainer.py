@@ -1,34 +1,25 @@
-"""torchrun/DDP end to end on CPU (gloo): 2 processes × B/2 reproduce 1 process × B (issue 7).
+"""torchrun/DDP end to end on CPU (gloo): 2 processes x B/2 reproduce 1 process x B.
 
-With --sync-bn the BatchNorm statistics span the global batch, in-batch contrast gathers the embeddings of every
-rank with gradient, the memory banks take the all-gathered (index, embedding) pairs, and the logged loss is the
-global mean: the first steps' losses agree to ≤ 1e-4 relative (measured: ≤ 1e-12 in fp64). The runs are in fp64
-(default dtype set by a two-line driver) because in fp32 the two reduction orders differ by ~1e-7 per step and
-this tiny synthetic cohort's near-dead BN channels amplify that to ~1e-4 by step 3 — a conditioning effect, not a
-difference in the maths. The meta phase is off here: under DDP it unrolls on each rank's slice and averages the
-hypergradients, which is not the global-batch hypergradient.
+With --sync-bn the BatchNorm statistics span the global batch, in-batch contrast gathers every rank's embeddings
+with gradient, the memory banks take the all-gathered (index, embedding) pairs and the logged loss is the global
+mean, so the first steps' losses agree to 1e-10 relative. The runs are in fp64 (a two-line driver sets the default
+dtype): in fp32 the two reduction orders differ by rounding, which this tiny cohort's near-dead BN channels amplify.
+The meta phase is off in the comparison: under DDP it unrolls on each rank's slice, not the global batch.
 """
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support.gloo import torchrun_command
 
 TINY = ["--data", "synthetic", "--synthetic-samples", "64", "--num-classes", "4", "--batch-size", "16",
         "--image-size", "16", "--workers", "0", "--m-per-class", "4", "--no-progress", "--deterministic",
         "--log-every", "1", "--max-steps", "3", "--meta-mode", "off", "--sync-bn", "--neg-k", "20",
         "--lr", "0.01"]  # a gentle lr: at 0.1 this tiny synthetic run diverges
 DRIVER = "import sys, torch\ntorch.set_default_dtype(torch.float64)\nfrom fastmcl.train import main\nsys.exit(main())\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -52,9 +43,7 @@ def test_two_gloo_processes_match_one(tmp_path, setting):
     driver = tmp_path / "train_fp64.py"
     driver.write_text(DRIVER)
     _run([sys.executable, str(driver), *TINY, *extra, "--out", str(one)], tmp_path, "1 process")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-    _run([*torchrun, str(driver), *TINY, *extra, "--out", str(two)], tmp_path, "torchrun 2 processes")
+    _run([*torchrun_command(2), str(driver), *TINY, *extra, "--out", str(two)], tmp_path, "torchrun 2 processes")
     a, b = _losses(one), _losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
@@ -68,9 +57,8 @@ def test_two_gloo_processes_with_the_meta_phase(tmp_path):
     on both ranks without a hang, and the logged losses are finite."""
     args = [a for a in TINY if a not in ("--meta-mode", "off")] + ["--method", "lmcl", "--no-memory-bank",
                                                                     "--meta-freq", "1", "--meta-mode", "first-order"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-    _run([*torchrun, "-m", "fastmcl.train", *args, "--out", str(tmp_path / "run")], tmp_path, "torchrun + meta")
+    _run([*torchrun_command(2), "-m", "fastmcl.train", *args, "--out", str(tmp_path / "run")], tmp_path,
+         "torchrun + meta")
     losses = _losses(tmp_path / "run")
     assert sorted(losses) == [1, 2, 3] and all(abs(v) < 1e6 for v in losses.values())
     events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 from fastmcl.checkpoint import load_checkpoint
 from fastmcl.config import TrainConfig
 from fastmcl.methods import METHODS
-from fastmcl.trainer import Trainer
+from fastmcl.build import build_trainer
 from run_checks import assert_resume_is_exact
 
 TINY = dict(data="synthetic", num_classes=4, synthetic_samples=64, image_size=16, batch_size=16, m_per_class=4,
@@ -20,7 +20,7 @@ TINY = dict(data="synthetic", num_classes=4, synthetic_samples=64, image_size=16
 
 def first_step_loss(tmp_path, **kw) -> float:
     torch.manual_seed(0)
-    t = Trainer(TrainConfig(out=str(tmp_path), **{**TINY, **kw}))
+    t = build_trainer(TrainConfig(out=str(tmp_path), **{**TINY, **kw}))
     x, y, idx = next(iter(t.data.train_batches(0)))
     return t.train_step(x, y, idx)["loss"]
 
@@ -36,7 +36,7 @@ def test_bf16_autocast_reproduces_fp32_first_step(tmp_path, bank):
 def test_fp16_gradscaler_step(tmp_path):
     run = tmp_path / "run"
     ref = first_step_loss(tmp_path / "a", method="lmcl")
-    t = Trainer(TrainConfig(out=str(run), amp="fp16", method="lmcl", **{k: v for k, v in TINY.items()}))
+    t = build_trainer(TrainConfig(out=str(run), amp="fp16", method="lmcl", **{k: v for k, v in TINY.items()}))
     assert t.scaler.is_enabled()
     x, y, idx = next(iter(t.data.train_batches(0)))
     loss = t.train_step(x, y, idx)["loss"]
@@ -57,9 +57,9 @@ def test_compile_matches_eager_one_graph_no_recompiles(tmp_path, bank):
     torch._dynamo.reset()
     counters.clear()
     cfg = dict(TINY, method="lmcl", memory_bank=bank)
-    eager = Trainer(TrainConfig(out=str(tmp_path / "e"), **cfg))
+    eager = build_trainer(TrainConfig(out=str(tmp_path / "e"), **cfg))
     torch.manual_seed(0)
-    compiled = Trainer(TrainConfig(out=str(tmp_path / "c"), compile=True, compile_backend="aot_eager", **cfg))
+    compiled = build_trainer(TrainConfig(out=str(tmp_path / "c"), compile=True, compile_backend="aot_eager", **cfg))
     compiled.cohort.load_state_dict(eager.cohort.state_dict())
     compiled.objective.load_state_dict(eager.objective.state_dict())
     batches = list(eager.data.train_batches(0))

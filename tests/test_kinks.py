@@ -1,11 +1,11 @@
-"""fastmcl/kinks.py: the pieces of piecewise-linear ops recorded in one forward and replayed in another, so that
-differences of gradients converge to autograd's second derivatives even across a ReLU kink."""
+"""The pieces of piecewise-linear ops recorded in one forward and replayed in another, so that differences of gradients
+converge to autograd's second derivatives even across a ReLU kink."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmcl.kinks import Pieces
+from fastmcl.meta.pieces import Pieces
 
 
 def _grad(net, x, params):
@@ -64,7 +64,7 @@ def test_replayed_masks_give_autograds_hessian_vector_product_across_a_kink():
     frozen = [_rel(_difference(net, x, params, v, h, pieces), exact) for h in (1e-3, 1e-4)]
     assert frozen[0] < 1e-3 and frozen[1] < frozen[0] / 5      # O(h) from the smooth part alone
     free = _rel(_difference(net, x, params, v, 1e-3), exact)
-    assert free > 10                           # without the replay the flipped unit shows up as a jump (measured 147)
+    assert free > 10                           # without the replay the flipped unit shows up as a jump
 
 
 def test_replay_at_the_same_point_is_bit_identical_and_reusable():
@@ -75,11 +75,13 @@ def test_replay_at_the_same_point_is_bit_identical_and_reusable():
     pieces = Pieces()
     with pieces:
         ref = net(x)
-    assert len(pieces.pieces) == 4             # relu, max-pool winners, dropout, relu
     for _ in range(2):
         with pieces.replay():
             assert torch.equal(net(x), ref)
     assert not torch.equal(net(x), ref)        # a fresh forward draws a new dropout mask
+    with pytest.raises(RuntimeError, match="used 3 of 4"):   # relu, max-pool winners, dropout; the last relu unused
+        with pieces.replay():
+            net[:-1](x)
 
 
 def test_replayed_max_pool_routes_through_the_recorded_winner():

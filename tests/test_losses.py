@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastmcl.losses import (MemoryBank, bank_contrastive_terms, contrastive_terms, cross_entropy, kd_kl)
+from fastmcl.losses import MemoryBank, bank_contrastive_terms, contrastive_terms, cross_entropy, kd_kl
 from fastmcl.losses.bank_logits import bank_logits_all
-from fastmcl.losses.cohort_terms import _bank_rows, _BankRows
+from fastmcl.losses.cohort_terms import bank_rows_reference
 from fastmcl.losses.rows import kl_rows, leading_positive_rows, supcon_rows
-from naive_losses import naive_bank_terms, naive_contrastive_terms
+from support.naive_losses import naive_bank_terms, naive_contrastive_terms
 
 TOL = {torch.float32: dict(rtol=2e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
@@ -122,20 +122,31 @@ def test_bank_logits_all_gradients_plain_and_streamed(k_chunk):
 
 
 def test_bank_rows_hand_written_backward_matches_autograd():
-    """`_BankRows` (saves only L, recomputes the softmaxes in backward) against autograd through the same row
-    functions with the teacher detached: values and ∂/∂L, with repeated student blocks and a block that is both a
-    student and a teacher (its gradient must add up), both column settings (drop 1 / 0)."""
+    """`bank_rows_reference`'s regular path (a hand-written backward that saves only the logits L and recomputes the
+    softmaxes) against its split-teacher path (plain autograd through the same row functions), whose student copy of
+    L gives the gradient with the teachers detached: values and ∂/∂E, with repeated student blocks and a block that is
+    both a student and a teacher (its gradient must add up), both column settings (view drops column 0, cross not)."""
     g = torch.Generator().manual_seed(4)
-    L = (3 * torch.randn(3, 2, 4, 9, dtype=torch.float64, generator=g)).requires_grad_()
-    specs = ((1, 1, [0, 2], [0, 1], [0, 2, 0], [0, 1, 0], [2, 0, 1], [1, 0, 1]),
-             (0, 2, [1], [0], [1, 1], [1, 0], [0, 2], [0, 1]))
-    got = _BankRows.apply(L, specs, 3.0)
-    want = _bank_rows(L, L, specs, 3.0)
+    E = unit(3, 4, 5, dtype=torch.float64, seed=41).requires_grad_()
+    banks = unit(2, 13, 5, dtype=torch.float64, seed=42)
+    idx = torch.randint(0, 13, (4, 9), generator=g)
+
+    def t(*values):
+        return torch.tensor(values)
+
+    # view rows: ce blocks (0, 0), (2, 1); kl (0, 0)|(2, 1), (2, 1)|(0, 0), (0, 0)|(1, 1). cross: ce (1, 0);
+    # kl (1, 1)|(0, 0), (1, 0)|(2, 1)
+    args = (E, banks, idx, t(0, 2, 1), t(0, 1, 0), t(True, True, False), t(0, 2, 0, 1, 1), t(0, 1, 0, 1, 0),
+            t(2, 0, 1, 0, 2), t(1, 0, 1, 0, 1), t(True, True, True, False, False), 0.3, 3.0, 1)
+    got = bank_rows_reference(*args)
+    student = []
+    want = bank_rows_reference(*args, student_out=student)
     upstream = [torch.rand(w.shape, dtype=torch.float64, generator=g) for w in want]
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-    (dg,) = torch.autograd.grad(sum((a * u).sum() for a, u in zip(got, upstream)), L)
-    (dw,) = torch.autograd.grad(sum((b * u).sum() for b, u in zip(want, upstream)), L)
+    (dg,) = torch.autograd.grad(sum((a * u).sum() for a, u in zip(got, upstream)), E)
+    (d_student,) = torch.autograd.grad(sum((b * u).sum() for b, u in zip(want, upstream)), student)
+    (dw,) = torch.autograd.grad(student, E, d_student)
     assert torch.allclose(dg, dw, rtol=1e-12, atol=1e-12)
 
 
@@ -197,6 +208,12 @@ def _pair(B=4, D=3):
     return unit(B, D, dtype=torch.float32, seed=1), unit(B, D, dtype=torch.float32, seed=2)
 
 
+def _bank_call(bank_a=(9, 3), bank_b=(9, 3), idx=None, **kw):
+    """`bank_contrastive_terms` on the pair with random banks of the given shapes and idx (default zeros [4, 5])."""
+    idx = torch.zeros(4, 5, dtype=torch.long) if idx is None else idx
+    return lambda a, b: bank_contrastive_terms(a, b, torch.randn(*bank_a), torch.randn(*bank_b), idx, **kw)
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda a, b: contrastive_terms(a, b[:3], torch.tensor([0, 0, 1, 1])), "e_a and e_b"),
     (lambda a, b: contrastive_terms(a, torch.randn(4, 5), torch.tensor([0, 0, 1, 1])), "e_a and e_b"),
@@ -208,15 +225,15 @@ def _pair(B=4, D=3):
     (lambda a, b: contrastive_terms(a, b, torch.tensor([0, 0, 1, 1]), weight=torch.ones(3)), "weight"),
     (lambda a, b: contrastive_terms(a, b, torch.tensor([0, 0, 1, 1]), kd_T=0.0), "kd_T"),
     (lambda a, b: contrastive_terms(a, b, torch.tensor([0, 0, 1, 1]), backend="cuda"), "backend"),
-    (lambda a, b: bank_contrastive_terms(a, b, torch.randn(9, 3), torch.randn(9, 3), torch.randint(0, 9, (4, 5)).float()), "idx"),
-    (lambda a, b: bank_contrastive_terms(a, b, torch.randn(9, 3), torch.randn(9, 3), torch.randint(0, 9, (3, 5))), "idx"),
-    (lambda a, b: bank_contrastive_terms(a, b, torch.randn(9, 3), torch.randn(9, 3), torch.full((4, 5), 9)), "idx"),
-    (lambda a, b: bank_contrastive_terms(a, b, torch.randn(9, 3), torch.randn(9, 3), torch.full((4, 5), -1)), "idx"),
-    (lambda a, b: bank_contrastive_terms(a, b, torch.randn(9, 3), torch.randn(9, 3), torch.zeros(4, 2, dtype=torch.long)), "idx"),
-    (lambda a, b: bank_contrastive_terms(a, b, torch.randn(9, 4), torch.randn(9, 3), torch.zeros(4, 5, dtype=torch.long)), "bank_a"),
-    (lambda a, b: bank_contrastive_terms(a, b, torch.randn(9, 3), torch.randn(8, 3), torch.zeros(4, 5, dtype=torch.long)), "bank_b"),
-    (lambda a, b: bank_contrastive_terms(a, b, torch.randn(9, 3), torch.randn(9, 3), torch.zeros(4, 5, dtype=torch.long), tau=0), "tau"),
-    (lambda a, b: bank_contrastive_terms(a, b, torch.randn(9, 3), torch.randn(9, 3), torch.zeros(4, 5, dtype=torch.long), pos_k=0), "pos_k"),
+    (_bank_call(idx=torch.randint(0, 9, (4, 5)).float()), "idx"),
+    (_bank_call(idx=torch.randint(0, 9, (3, 5))), "idx"),
+    (_bank_call(idx=torch.full((4, 5), 9)), "idx"),
+    (_bank_call(idx=torch.full((4, 5), -1)), "idx"),
+    (_bank_call(idx=torch.zeros(4, 2, dtype=torch.long)), "idx"),
+    (_bank_call(bank_a=(9, 4)), "bank_a"),
+    (_bank_call(bank_b=(8, 3)), "bank_b"),
+    (_bank_call(tau=0), "tau"),
+    (_bank_call(pos_k=0), "pos_k"),
 ])
 def test_bad_input_raises_one_clear_value_error(call, match):
     a, b = _pair()
@@ -224,7 +241,8 @@ def test_bad_input_raises_one_clear_value_error(call, match):
         call(a, b)
 
 
-def test_triton_backend_is_refused_loudly_until_built():
+def test_triton_backend_on_cpu_tensors_is_refused_loudly(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     a, b = _pair()
     with pytest.raises(NotImplementedError, match="triton"):
         contrastive_terms(a, b, torch.tensor([0, 0, 1, 1]), backend="triton")

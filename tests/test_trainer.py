@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from fastmcl.build import resolve_config
 from fastmcl.checkpoint import load_checkpoint
 from fastmcl.config import TrainConfig, parse_config
 from fastmcl.train import main
@@ -140,7 +141,8 @@ def test_yaml_sets_defaults_and_flags_override(tmp_path):
     p = _yaml(tmp_path, {"batch_size": 32, "lr": 0.05, "arch": ["resnet32", "wrn_16_2"]})
     cfg = parse_config(["--config", str(p), "--lr", "0.2"])
     assert cfg.batch_size == 32 and cfg.lr == 0.2 and cfg.members() == ["resnet32", "wrn_16_2"]
-    assert TrainConfig().resolve(cifar_style=False, demo=False).memory_bank is True
+    assert resolve_config(TrainConfig(), cifar_style=False, demo=False).memory_bank is True
+    assert resolve_config(TrainConfig(method="dml"), cifar_style=False, demo=False).memory_bank is False
 
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path):

@@ -1,21 +1,8 @@
-"""Counter-based hashing in plain int64 torch ops (and identical python-int arithmetic).
+"""Counter-based hashing in int64 torch ops and identical python-int arithmetic (docs/data.md "Keyed randomness").
 
-Randomness that must not depend on the number of processes (negative sampling, keyed augmentation, sampler seeds)
-is a pure function of a key such as (seed, step, dataset index, column), never the state of a per-rank generator.
-
-Everything works on 32-bit values held in int64 (tensors) or python ints, and no intermediate ever leaves
-(-2**63, 2**63), so there is no signed-overflow question on any device: a 32-bit constant c >= 2**31 multiplies as
-c - 2**32 (same residue mod 2**32), masking with 2**32 - 1 takes the residue, and right shifts only ever see
-non-negative values. The mixer is Chris Wellons' "lowbias32"
-(a bijection on 32-bit words with very low avalanche bias).
-
-A draw from a key is ``uniform_int(cell(row_hash(index, stream(seed, step, tag)), column), n)``:
-- ``stream``   folds python-int words (seed, step, tag; any 64-bit values) into two 32-bit state words;
-- ``row_hash`` mixes a dataset index (< 2**32) with the stream in two rounds, so rows never share a shifted copy of
-  one another's column sequence;
-- ``cell``     mixes a row hash with a fixed, well-spread code per column;
-- ``uniform_int`` maps a 32-bit hash to [0, n) by multiply-high (n < 2**31); the relative bias is at most n / 2**32
-  (3e-4 for ImageNet-1k), far below sampling noise.
+Randomness that must not depend on the number of processes is a pure function of a key such as (seed, step, dataset
+index, column): `uniform_int(cell(row_hash(index, stream(seed, step, tag)), column), n)`, on 32-bit values held in
+int64 that never overflow.
 """
 from __future__ import annotations
 
@@ -37,11 +24,7 @@ TAG_VIEW = 8
 
 
 def _mul32(x, c: int):
-    """(x * c) mod 2**32 for 0 <= x < 2**32 and a 32-bit python-int constant c, without int64 overflow.
-
-    A constant >= 2**31 is replaced by c - 2**32 (same residue mod 2**32), so |x * c| < 2**32 * 2**31 = 2**63; the
-    two's-complement low 32 bits of the (possibly negative) product are the residue, for tensors and python ints.
-    """
+    """(x * c) mod 2**32 for 0 <= x < 2**32 without int64 overflow (c >= 2**31 multiplies as c - 2**32)."""
     c = c & M32
     if c >= 2 ** 31:
         c -= 2 ** 32
@@ -49,7 +32,7 @@ def _mul32(x, c: int):
 
 
 def mix32(x):
-    """lowbias32 on a python int or an int64 tensor whose values lie in [0, 2**32)."""
+    """Chris Wellons' lowbias32 (a bijection on 32-bit words) on a python int or an int64 tensor in [0, 2**32)."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
@@ -69,7 +52,7 @@ def stream(*words: int) -> tuple[int, int]:
 
 
 def row_hash(index, s: tuple[int, int]):
-    """Per-row hash of a dataset index (python int or int64 tensor, 0 <= index < 2**32) under stream ``s``."""
+    """Per-row hash of a dataset index (python int or int64 tensor, 0 <= index < 2**32) under stream `s`."""
     return mix32(mix32((index + s[0]) & M32) ^ s[1])
 
 
@@ -83,12 +66,12 @@ def column_code(c: int) -> int:
 
 
 def cell(row, codes):
-    """Hash of (row, column): ``row`` [..., 1] (or int) and ``codes`` from :func:`column_codes` (or an int)."""
+    """Hash of (row, column): `row` [..., 1] (or int) and `codes` from :func:`column_codes` (or an int)."""
     return mix32(row ^ codes)
 
 
 def uniform_int(h, n):
-    """Map 32-bit hashes ``h`` to [0, n) by multiply-high; n >= 1 and n < 2**31 (tensor or int, broadcastable)."""
+    """Map 32-bit hashes `h` to [0, n) by multiply-high (1 <= n < 2**31; relative bias <= n / 2**32)."""
     return (h * n) >> 32
 
 

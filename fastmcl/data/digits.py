@@ -1,13 +1,8 @@
-"""scikit-learn's bundled handwritten digits, written once as a small JPEG ImageFolder (the demo/test dataset).
+"""scikit-learn's bundled handwritten digits as a small JPEG ImageFolder (the demo and test data; docs/data.md).
 
-Tree: ``root/digits32/{train,val}/<class 0..9>/<i>.jpg`` (i = the sample's index in ``load_digits()``, 4 digits).
-Each 8x8 image (values 0..16) is scaled to 0..255, upscaled to 32x32 with bicubic interpolation, converted to RGB and
-saved as a JPEG (quality 95), so the real decode path runs. Split: stratified, 20 % of every class to ``val``, chosen
-by a fixed seed (numpy's legacy RandomState, stable across numpy versions) -> 1438 train / 359 val images.
-
-Written atomically: the tree is built in a temporary sibling folder and renamed into place, and a ``.complete``
-manifest is written before the rename, so a crash never leaves a tree that looks complete; a concurrent writer (e.g.
-another torchrun rank) that loses the race discards its copy.
+`root/digits32/{train,val}/<class>/<i>.jpg`: every 8x8 digit upscaled to 32x32 (bicubic), RGB JPEG quality 95, a
+fixed stratified 20 % of every class in `val` (1438 train / 359 val). Written atomically (a temporary sibling folder,
+a `.complete` manifest, then a rename), so a crash or a concurrent rank never leaves a tree that looks complete.
 """
 from __future__ import annotations
 
@@ -46,23 +41,15 @@ def _split(targets: np.ndarray) -> dict[str, list[int]]:
 
 
 def _is_complete(tree: Path) -> bool:
-    marker = tree / _MARKER
-    if not marker.is_file():
-        return False
     try:
-        info = json.loads(marker.read_text())
+        return json.loads((tree / _MARKER).read_text()).get("version") == _FORMAT_VERSION
     except (OSError, ValueError):
         return False
-    return info.get("version") == _FORMAT_VERSION
 
 
 def ensure_digits_imagefolder(root: str | Path) -> Path:
-    """Write the digits ImageFolder under ``root`` unless already complete; return ``root/digits32``.
-
-    The returned folder holds ``train/`` and ``val/``, each with class folders ``0`` .. ``9``.
-    Raises DataError if ``root`` cannot be created/written, or if ``root/digits32`` exists but is not a complete tree
-    written by this function (it is never deleted automatically).
-    """
+    """Write the digits tree under `root` unless complete; return `root/digits32`. DataError if `root` cannot be
+    written, or if `root/digits32` exists but is not a complete tree (it is never deleted automatically)."""
     root = Path(root).expanduser()
     tree = root / DIGITS_DIRNAME
     if _is_complete(tree):
@@ -70,35 +57,26 @@ def ensure_digits_imagefolder(root: str | Path) -> Path:
     if tree.exists():
         raise DataError(f"{tree} exists but is not a complete digits tree (no valid {_MARKER} manifest); "
                         f"remove it to have it rewritten")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create data root {root}: {e.strerror or e}") from None
-
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
     digits = load_digits()
     images = np.asarray(digits.images, dtype=np.float64)      # [1797, 8, 8], 0..16
     targets = np.asarray(digits.target, dtype=np.int64)
     split = _split(targets)
-
     try:
+        root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{DIGITS_DIRNAME}.tmp-", dir=root))
     except OSError as e:
         raise DataError(f"cannot write into data root {root}: {e.strerror or e}") from None
     try:
-        counts: dict[str, dict[str, int]] = {}
         for part, indices in split.items():
-            counts[part] = {}
             for c in range(10):
                 (tmp / part / str(c)).mkdir(parents=True)
-                counts[part][str(c)] = 0
             for i in indices:
-                c = int(targets[i])
                 pix = np.clip(np.rint(images[i] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
                 img = Image.fromarray(pix, mode="L").resize((_SIZE, _SIZE), Image.Resampling.BICUBIC).convert("RGB")
-                img.save(tmp / part / str(c) / f"{i:04d}.jpg", format="JPEG", quality=95)
-                counts[part][str(c)] += 1
+                img.save(tmp / part / str(targets[i]) / f"{i:04d}.jpg", format="JPEG", quality=95)
+        counts = {part: {str(c): int((targets[ids] == c).sum()) for c in range(10)} for part, ids in split.items()}
         manifest = {"version": _FORMAT_VERSION, "source": "sklearn.datasets.load_digits", "size": _SIZE,
                     "val_fraction": _VAL_FRACTION, "seed": _SEED, "counts": counts}
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
@@ -108,8 +86,7 @@ def ensure_digits_imagefolder(root: str | Path) -> Path:
             os.fsync(f.fileno())
         try:
             os.rename(tmp, tree)
-        except OSError:
-            # Another process finished first (rename onto a non-empty folder fails): keep theirs if complete.
+        except OSError:     # another process finished first (a rename onto a full folder fails): keep a complete tree
             if _is_complete(tree):
                 return tree
             raise

@@ -1,24 +1,17 @@
-"""The one exception type of the data layer.
-
-Every problem with the user's input (a missing folder, an empty class folder, a corrupt image, a bad argument) raises
-:class:`DataError` with ONE line that names the path or argument, so a command-line front end can print ``str(e)``
-without a traceback.
-"""
+"""The one exception type of the data layer, and the one integer-argument check."""
 from __future__ import annotations
 
-__all__ = ["DataError"]
+import numpy as np
+
+__all__ = ["DataError", "check_int"]
 
 _WORKER_PREFIX = "Caught DataError in DataLoader worker"
 
 
 class DataError(ValueError):
-    """Bad data or a bad data argument; ``str(e)`` is a single line that names the path or argument.
-
-    When a DataLoader worker raises a DataError, torch re-raises it in the main process as
-    ``DataError("Caught DataError in DataLoader worker process N.\\nOriginal Traceback ...")``. That re-raise is
-    recognised here and reduced to the original one-line message (plus which worker); the full text stays in
-    :attr:`detail`.
-    """
+    """Bad data or a bad data argument; `str(e)` is ONE line naming the path or argument, so a command line can print
+    it without a traceback. torch's re-raise of a DataLoader worker's DataError is reduced to the original line (plus
+    which worker); the full text stays in `detail`."""
 
     def __init__(self, message: str = "") -> None:
         message = str(message)
@@ -26,11 +19,15 @@ class DataError(ValueError):
         if message.startswith(_WORKER_PREFIX):
             lines = [ln for ln in message.strip().splitlines() if ln.strip()]
             where = lines[0][len("Caught DataError "):].rstrip(".")
-            last = lines[-1]
-            marker = "DataError: "
-            if marker in last:
-                last = last.split(marker, 1)[1]
+            last = lines[-1].split("DataError: ", 1)[-1]
             message = f"{last} (raised {where})"
         else:
             message = " ".join(message.split("\n")).strip()
         super().__init__(message)
+
+
+def check_int(value, name: str, minimum: int = 1) -> int:
+    """`value` as an int when it is an integer (not a bool) >= `minimum`; else a DataError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise DataError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)

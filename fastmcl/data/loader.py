@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
 from . import _keyhash as kh
-from .errors import DataError
+from .errors import DataError, check_int
 from .samplers import ShuffleSampler
 from .transforms import cifar_augment, normalize
 
@@ -17,8 +17,8 @@ __all__ = ["build_dataloader", "seed_worker", "DeviceBatchLoader"]
 
 
 def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: seed python ``random`` and numpy from the worker's torch seed (set by the DataLoader to
-    base_seed + worker_id, base_seed drawn from the loader's seeded generator)."""
+    """`worker_init_fn`: seed python `random` and numpy from the worker's torch seed (the loader's seeded generator's
+    base seed + worker id)."""
     s = torch.initial_seed() % 2 ** 32
     random.seed(s)
     np.random.seed(s)
@@ -28,19 +28,11 @@ def build_dataloader(dataset: Dataset, *, batch_size: int, train: bool, sampler:
                      num_workers: int = 0, seed: int = 0, drop_last: bool | None = None, pin_memory: bool = False,
                      persistent_workers: bool = False, rank: int = 0,
                      prefetch_factor: int | None = None) -> DataLoader:
-    """A torch DataLoader whose randomness is a function of ``seed`` (and ``rank``).
-
-    ``batch_size`` is this process's batch (B / world_size under DDP with a :class:`ShardedSampler`).
-    Default sampler: :class:`ShuffleSampler` (seeded, call ``loader.sampler.set_epoch(e)``) when ``train``, else
-    sequential. ``drop_last`` defaults to ``train``. Workers are seeded by ``seed_worker`` and a torch.Generator
-    seeded from (seed, rank), so the global-RNG transforms are reproducible; for results independent of worker and
-    process counts, give the dataset an ``aug_seed`` (keyed augmentation) instead.
-    ``persistent_workers`` is ignored when ``num_workers == 0``.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise DataError(f"num_workers: expected an integer >= 0, got {num_workers!r}")
+    """A torch DataLoader whose randomness is a function of `seed` and `rank`: this process's `batch_size`, by default
+    a `ShuffleSampler` (train) or the sequential order, `drop_last` = `train`. Results independent of worker and
+    process counts come from a dataset with an `aug_seed` (keyed augmentation)."""
+    check_int(batch_size, "batch_size")
+    check_int(num_workers, "num_workers", 0)
     n = len(dataset)
     if n == 0:
         raise DataError("dataset: it is empty")
@@ -64,14 +56,11 @@ def build_dataloader(dataset: Dataset, *, batch_size: int, train: bool, sampler:
 
 
 class DeviceBatchLoader:
-    """Batches from uint8 images that already live on one device (CIFAR on the GPU): no workers, no host copies.
+    """Batches from uint8 images that live on one device (CIFAR on the GPU): no workers, no host copies.
 
-    Each batch: indices from ``sampler`` (chunks of ``batch_size``; a ``ShardedSampler`` under DDP) -> gather images
-    and labels -> (train) zero-pad-4 random crop + flip keyed by (aug_seed, epoch, dataset index) -> normalise to
-    ``dtype`` (optionally channels_last). Yields ``(x, labels, index)`` with ``index`` a LongTensor on the device;
-    with ``views`` = V > 1 (train only) ``x`` is a list of V independently augmented views (KDCL/PCL members).
-    The crops/flips equal those of ``TensorImageDataset(..., aug_seed=aug_seed)`` for the same epoch.
-    ``set_epoch`` selects the epoch and forwards to the sampler.
+    Per chunk of `batch_size` indices from `sampler`: gather, (train) zero-pad crop + flip keyed by
+    (`view_seed(aug_seed, view)`, epoch, index), normalise to `dtype`. Yields `(x, labels, index)` on the device;
+    with `views` = V > 1 (train only) `x` is a list of V views (KDCL/PCL members).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, sampler: Sampler | Sequence,
@@ -85,11 +74,8 @@ class DeviceBatchLoader:
         labels = torch.as_tensor(labels)
         if labels.dim() != 1 or labels.numel() != images.shape[0]:
             raise DataError(f"labels: expected {images.shape[0]} labels, got shape {tuple(labels.shape)}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise DataError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
-            raise DataError(f"views: expected an integer >= 1, got {views!r}")
-        self.views = views
+        self.views = check_int(views, "views")
+        check_int(batch_size, "batch_size")
         self.images = images
         self.labels = labels.to(images.device, torch.long)
         self.batch_size = batch_size
@@ -125,7 +111,7 @@ class DeviceBatchLoader:
             yield (xs[0] if len(xs) == 1 else xs), self.labels[idx], idx
 
     def _prepare(self, raw: torch.Tensor, idx: torch.Tensor, view: int) -> torch.Tensor:
-        """Augment (member view `view`: keyed by `view_seed(aug_seed, view)`) and normalise one batch."""
+        """Augment (member view `view`) and normalise one batch."""
         x = raw
         if self.train:
             x = cifar_augment(x, index=idx, seed=kh.view_seed(self.aug_seed, view), epoch=self.epoch,

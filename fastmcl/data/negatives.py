@@ -1,49 +1,25 @@
-"""Contrast-index sampling for the memory-bank setting (spec/lmcl.md §1.3), vectorised on the device.
+"""Contrast indices for the memory-bank setting (spec/lmcl.md §1.3), vectorised on the device.
 
-The official ImageNet dataset draws, per sample and in Python on the CPU, ``[own index, pos_k same-class indices
-(without replacement)]`` and ``neg_k`` indices from all other classes (with replacement). :class:`NegativeSampler`
-produces the same rows for a whole batch at once with a handful of int64 tensor ops, on the index tensor's device.
+The official ImageNet code draws, per sample in Python, `[own index, pos_k same-class indices]` and `neg_k` indices
+of other classes; `NegativeSampler` draws the same rows for a whole batch with a few int64 tensor ops.
 """
 from __future__ import annotations
 
 import torch
 
 from . import _keyhash as kh
-from .errors import DataError
+from .errors import DataError, check_int
 
 __all__ = ["NegativeSampler"]
 
 
 class NegativeSampler:
-    """``sampler(index, step)`` -> LongTensor [B, 1 + pos_k + neg_k] of dataset indices, on ``index.device``.
+    """`sampler(index, step)` -> LongTensor [B, 1 + pos_k + neg_k] of dataset indices, on `index.device`.
 
-    Row b is ``[index[b], pos_k positives, neg_k negatives]``:
-
-    * positives: indices of the same class as ``index[b]``, never ``index[b]`` itself, drawn WITHOUT replacement
-      (uniformly among the class's other members);
-    * negatives: indices of any other class, drawn WITH replacement, uniformly over all samples of other classes
-      (class c owns the block ``[start_c, start_c + n_c)`` of the class-sorted order; draw r in [0, N - n_c),
-      shift past the block, map through the order).
-
-    Randomness is a counter-based hash of (seed, step, dataset index, column), not the state of a generator: the
-    row of a sample does not depend on which other samples share its batch, on the batch size, on the device or on
-    the number of DDP processes (1 process with batch B and W processes with B/W draw identical rows). Consequences:
-    the same index twice in one step gets the same row; a new ``step`` gives fresh draws.
-    Uniform draws use multiply-high on 32-bit hashes: relative bias <= N / 2**32 (3e-4 for ImageNet-1k).
-
-    Documented rules:
-
-    * a class with a single sample has no other member: its ``pos_k`` positive columns repeat the own index;
-    * a class with 1 <= m < pos_k other members: its positives are drawn WITH replacement from those m members;
-    * labels with only one class: DataError at construction (no negatives exist);
-    * ``pos_k = 0`` / ``neg_k = 0`` are allowed (no positive / negative columns).
-
-    ``index`` must be a 1-D torch.long tensor with values in [0, N): DataError naming ``index`` otherwise. The range
-    is checked exactly on CPU; on an accelerator it is checked with ``torch._assert_async`` (no host sync; a bad
-    index is then a device-side assertion), or exactly (one sync) with ``strict=True``.
-
-    Labels (any integer values) are held on the device given to :meth:`to`; a call with an index on another device
-    uses a cached copy of the tables on that device.
+    Row b is `[index[b], pos_k same-class positives (never index[b], without replacement), neg_k other-class negatives
+    (with replacement, uniform over the samples)]`, a pure function of (seed, step, index, column): the same on every
+    device, batch split and process count (DESIGN.md "Data"). Small classes and range checks: docs/data.md
+    "Negatives".
     """
 
     def __init__(self, labels: torch.Tensor, pos_k: int = 1, neg_k: int = 8192, seed: int = 0, *,
@@ -54,14 +30,10 @@ class NegativeSampler:
             raise DataError(f"labels: expected a non-empty 1-D tensor, got shape {tuple(labels.shape)}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise DataError(f"labels: expected integer labels, got {labels.dtype}")
-        for name, v in (("pos_k", pos_k), ("neg_k", neg_k)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise DataError(f"{name}: expected an integer >= 0, got {v!r}")
         n = labels.numel()
         if n >= 2 ** 31:
             raise DataError(f"labels: at most 2**31 - 1 samples are supported, got {n}")
-        self.pos_k = pos_k
-        self.neg_k = neg_k
+        self.pos_k, self.neg_k = check_int(pos_k, "pos_k", 0), check_int(neg_k, "neg_k", 0)
         self.seed = int(seed)
         self.strict = bool(strict)
         self.num_samples = n
@@ -79,7 +51,6 @@ class NegativeSampler:
         self._tables = {"cls": cls, "count": count, "start": start, "order": order, "pos": pos_in_class}
         self._cache: dict[torch.device, dict[str, torch.Tensor]] = {}
 
-    # ---------------------------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return self._tables["cls"].device
@@ -102,7 +73,7 @@ class NegativeSampler:
         return self._tables["count"]
 
     def to(self, device) -> "NegativeSampler":
-        """Move the tables to ``device`` (in place) and return self."""
+        """Move the tables to `device` (in place) and return self."""
         device = torch.device(device)
         self._tables = {k: v.to(device) for k, v in self._tables.items()}
         self._cache = {}
@@ -115,7 +86,6 @@ class NegativeSampler:
             self._cache[device] = {k: v.to(device) for k, v in self._tables.items()}
         return self._cache[device]
 
-    # ---------------------------------------------------------------------------------------------------------------
     def _check(self, index) -> None:
         if not isinstance(index, torch.Tensor):
             raise DataError(f"index: expected a torch.long tensor, got {type(index).__name__}")

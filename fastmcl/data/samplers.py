@@ -1,8 +1,7 @@
-"""Samplers whose output depends only on (seed, epoch) — never on the number of processes.
+"""Samplers whose output depends only on (seed, epoch), never on the number of processes.
 
-Under DDP every rank builds the same global sampler and :class:`ShardedSampler` hands rank r the contiguous slice
-``[r*B/W, (r+1)*B/W)`` of every global batch of B indices, so 1 process with batch B and W processes with batch B/W
-see exactly the same global batches.
+Every rank builds the same global sampler and `ShardedSampler` hands rank r the contiguous slice [r*B/W, (r+1)*B/W)
+of every global batch of B indices, so 1 process with batch B and W processes with B/W see the same global batches.
 """
 from __future__ import annotations
 
@@ -13,32 +12,21 @@ import torch
 from torch.utils.data import Sampler
 
 from . import _keyhash as kh
-from .errors import DataError
+from .errors import DataError, check_int
 
 __all__ = ["MPerClassSampler", "ShuffleSampler", "ShardedSampler"]
 
 
-def _labels_tensor(labels, name: str = "labels") -> torch.Tensor:
-    if isinstance(labels, torch.Tensor):
-        t = labels.detach().cpu()
-    else:
-        try:
-            t = torch.as_tensor(np.asarray(labels))
-        except (TypeError, ValueError) as e:
-            raise DataError(f"{name}: expected a 1-D sequence of integer labels ({e})") from None
+def _labels_tensor(labels) -> torch.Tensor:
+    try:
+        t = labels.detach().cpu() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    except (TypeError, ValueError) as e:
+        raise DataError(f"labels: expected a 1-D sequence of integer labels ({e})") from None
     if t.dim() != 1 or t.numel() == 0:
-        raise DataError(f"{name}: expected a non-empty 1-D sequence of labels, got shape {tuple(t.shape)}")
+        raise DataError(f"labels: expected a non-empty 1-D sequence of labels, got shape {tuple(t.shape)}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise DataError(f"{name}: labels must be integers, got {t.dtype}")
+        raise DataError(f"labels: labels must be integers, got {t.dtype}")
     return t.long()
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise DataError(f"{name}: expected an integer, got {value!r}")
-    if value < minimum:
-        raise DataError(f"{name}: must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _epoch_generator(seed: int, epoch: int, tag: int) -> torch.Generator:
@@ -48,22 +36,15 @@ def _epoch_generator(seed: int, epoch: int, tag: int) -> torch.Generator:
 
 
 class MPerClassSampler(Sampler[int]):
-    """Class-balanced batches, pytorch-metric-learning's ``MPerClassSampler`` semantics (official CIFAR code, m=2).
-
-    Every consecutive chunk of ``batch_size`` indices holds ``batch_size // m`` distinct classes (a fresh random
-    subset, in random order, per batch) with ``m`` samples each, drawn without replacement within the class — or
-    with replacement for a class with fewer than ``m`` samples. Batches are independent draws, so an epoch need not
-    visit every sample. ``len(self)`` = ``length`` (default ``len(labels)``) rounded down to a multiple of
-    ``batch_size`` (CIFAR-100, B=128: 49,920 indices, 390 batches). Deterministic per (seed, epoch): call
-    :meth:`set_epoch`. ``batch_size`` is the GLOBAL batch; wrap in :class:`ShardedSampler` under DDP.
-
-    DataError: m < 1, batch_size not a multiple of m, batch_size // m > number of classes, length < batch_size.
-    """
+    """Class-balanced global batches with pytorch-metric-learning's `MPerClassSampler` semantics (the official CIFAR
+    code, m=2): every chunk of `batch_size` indices holds `batch_size // m` distinct random classes with `m` samples
+    each (without replacement within a class, with replacement for a class smaller than `m`); batches are independent
+    draws. `len(self)`: `length` (default `len(labels)`) rounded down to a multiple of `batch_size`."""
 
     def __init__(self, labels, m: int, batch_size: int, *, seed: int = 0, length: int | None = None) -> None:
         labels = _labels_tensor(labels)
-        self.m = _check_int(m, "m", 1)
-        self.batch_size = _check_int(batch_size, "batch_size", 1)
+        self.m = check_int(m, "m")
+        self.batch_size = check_int(batch_size, "batch_size")
         if self.batch_size % self.m:
             raise DataError(f"batch_size: must be a multiple of m={self.m}, got {self.batch_size}")
         classes, inverse = torch.unique(labels, return_inverse=True)
@@ -74,7 +55,7 @@ class MPerClassSampler(Sampler[int]):
                             f"have only {self.num_classes} classes")
         self.seed = int(seed)
         self.epoch = 0
-        total = len(labels) if length is None else _check_int(length, "length", 1)
+        total = len(labels) if length is None else check_int(length, "length")
         self.length = total // self.batch_size * self.batch_size
         if self.length == 0:
             raise DataError(f"length: {total} indices per epoch is fewer than one batch of {self.batch_size}")
@@ -114,10 +95,10 @@ class MPerClassSampler(Sampler[int]):
 
 
 class ShuffleSampler(Sampler[int]):
-    """A permutation of ``range(num_samples)`` that depends only on (seed, epoch) — call :meth:`set_epoch`."""
+    """A permutation of `range(num_samples)` that depends only on (seed, epoch)."""
 
     def __init__(self, num_samples: int, *, seed: int = 0) -> None:
-        self.num_samples = _check_int(num_samples, "num_samples", 1)
+        self.num_samples = check_int(num_samples, "num_samples")
         self.seed = int(seed)
         self.epoch = 0
 
@@ -133,27 +114,22 @@ class ShuffleSampler(Sampler[int]):
 
 
 class ShardedSampler(Sampler[int]):
-    """Rank ``rank``'s share of a global sampler: the contiguous slice ``[rank*B/W, (rank+1)*B/W)`` of every global
-    batch of ``batch_size`` = B indices (default: ``sampler.batch_size``), W = ``world_size``. Use it with a
-    per-rank DataLoader batch of B/W; concatenating the ranks' batches in rank order gives the global batch.
-
-    A trailing partial global batch is dropped when ``drop_last`` (training: every rank steps alike); otherwise it is
-    split into contiguous near-equal parts (the first ``r % W`` ranks get one more; a rank's part may be empty), so
-    evaluation covers every index exactly once — reduce sums and counts, not per-rank means.
-    ``set_epoch`` is forwarded to the wrapped sampler.
-    """
+    """Rank `rank`'s contiguous slice of every global batch of `batch_size` = B indices (default
+    `sampler.batch_size`); the ranks' batches concatenated in rank order are the global batch. A trailing partial
+    global batch is dropped with `drop_last` (every rank steps alike), else split into near-equal contiguous parts
+    (the first ranks get one more), so evaluation covers every index once."""
 
     def __init__(self, sampler: Sampler | Sequence[int], rank: int, world_size: int, *,
                  batch_size: int | None = None, drop_last: bool = True) -> None:
-        self.world_size = _check_int(world_size, "world_size", 1)
-        self.rank = _check_int(rank, "rank", 0)
+        self.world_size = check_int(world_size, "world_size")
+        self.rank = check_int(rank, "rank", 0)
         if self.rank >= self.world_size:
             raise DataError(f"rank: must be < world_size={self.world_size}, got {self.rank}")
         if batch_size is None:
             batch_size = getattr(sampler, "batch_size", None)
             if batch_size is None:
                 raise DataError("batch_size: give the global batch size (the wrapped sampler has no batch_size)")
-        self.batch_size = _check_int(batch_size, "batch_size", 1)
+        self.batch_size = check_int(batch_size, "batch_size")
         if self.batch_size % self.world_size:
             raise DataError(f"batch_size: global batch {self.batch_size} is not divisible by "
                             f"world_size={self.world_size}")

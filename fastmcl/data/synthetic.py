@@ -4,32 +4,22 @@ from __future__ import annotations
 import torch
 
 from . import _keyhash as kh
-from .errors import DataError
+from .errors import check_int
 from .transforms import _pair
 
 __all__ = ["SyntheticDataset"]
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
-    """``num_samples`` float32 images [channels, H, W]; label = ``index % num_classes``; items (tensor, label, index).
-
-    Each image is generated on demand from a generator seeded by (seed, index): standard normal noise plus
-    ``signal`` times a fixed per-class pattern (seeded by (seed, class)), so a model can learn the labels while
-    every image stays different. The same (seed, index) always gives the same image.
-    """
+    """`num_samples` float32 images [channels, H, W], label `index % num_classes`, items (tensor, label, index): noise
+    keyed by (seed, index) plus `signal` times a per-class pattern keyed by (seed, class), made on demand."""
 
     def __init__(self, num_samples: int, num_classes: int, image_size, seed: int = 0, *, channels: int = 3,
                  signal: float = 1.0) -> None:
-        if int(num_samples) < 1:
-            raise DataError(f"num_samples: must be >= 1, got {num_samples}")
-        if int(num_classes) < 1:
-            raise DataError(f"num_classes: must be >= 1, got {num_classes}")
-        if int(channels) < 1:
-            raise DataError(f"channels: must be >= 1, got {channels}")
-        self.num_samples = int(num_samples)
-        self.num_classes = int(num_classes)
+        self.num_samples = check_int(num_samples, "num_samples")
+        self.num_classes = check_int(num_classes, "num_classes")
+        self.channels = check_int(channels, "channels")
         self.image_size = _pair(image_size, "image_size")
-        self.channels = int(channels)
         self.seed = int(seed)
         self.signal = float(signal)
         self.labels = torch.arange(self.num_samples, dtype=torch.long) % self.num_classes

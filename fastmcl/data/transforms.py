@@ -1,14 +1,8 @@
-"""Image transforms without torchvision: PIL in, float CHW tensor out; plus tensor-level CIFAR augmentation.
+"""Image transforms without torchvision (PIL in, float CHW tensor out) and tensor-level CIFAR augmentation.
 
-PIL transforms follow torchvision's algorithms and draw their random numbers with the same torch calls, so under the
-same torch seed they pick the same crops/flips as torchvision would. Every transform is called as
-``t(img, generator=None)``: with ``generator=None`` the torch global RNG is used (seeded per DataLoader worker by
-torch, deterministically when the loader has a seeded ``generator``; see ``build_dataloader``); with a
-``torch.Generator`` that generator is used instead (the datasets' keyed mode passes one seeded by
-(seed, epoch, dataset index), which makes augmentation independent of worker and process counts).
-
-Tensor level: :func:`cifar_augment` (RandomCrop(32, padding=4) with zero padding + horizontal flip, vectorised on
-the batch's device, optionally keyed by dataset index) and :func:`normalize`.
+The PIL transforms follow torchvision's algorithms with the same torch RNG calls; each is called as
+`t(img, generator=None)`, where a generator keyed by (seed, epoch, index) replaces the global RNG (keyed mode).
+`cifar_augment` is the zero-pad crop + flip vectorised on the batch's device.
 """
 from __future__ import annotations
 
@@ -55,7 +49,7 @@ def _check_image(img, who: str) -> None:
 
 
 class Transform:
-    """Base class: ``__call__(img, generator=None)``."""
+    """Base class: `__call__(img, generator=None)`."""
 
     def __call__(self, img, generator: torch.Generator | None = None):  # pragma: no cover - interface
         raise NotImplementedError
@@ -66,7 +60,7 @@ class Transform:
 
 
 class Compose(Transform):
-    """Apply transforms in order; the generator is passed to every :class:`Transform` (plain callables get only img)."""
+    """Apply transforms in order; the generator goes to every `Transform` (plain callables get only img)."""
 
     def __init__(self, transforms: Sequence) -> None:
         self.transforms = list(transforms)
@@ -78,8 +72,8 @@ class Compose(Transform):
 
 
 class RandomResizedCrop(Transform):
-    """torchvision's RandomResizedCrop: random area fraction in ``scale`` and log-uniform aspect ratio in ``ratio``,
-    10 tries, then the fallback central crop (clamped to ``ratio``); resized to ``size`` bilinearly."""
+    """torchvision's RandomResizedCrop: random area fraction in `scale` and log-uniform aspect ratio in `ratio`,
+    10 tries, then the fallback central crop (clamped to `ratio`); resized to `size` bilinearly."""
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)) -> None:
         self.size = _pair(size, "RandomResizedCrop size")
@@ -145,7 +139,7 @@ class RandomHorizontalFlip(Transform):
 
 
 class Resize(Transform):
-    """An int resizes the shorter side to ``size`` keeping the aspect ratio (long side truncated, as torchvision);
+    """An int resizes the shorter side to `size` keeping the aspect ratio (long side truncated, as torchvision);
     an (h, w) pair resizes to exactly that. Bilinear (PIL's, antialiased)."""
 
     def __init__(self, size) -> None:
@@ -198,10 +192,8 @@ class CenterCrop(Transform):
 
 
 class ToTensorNormalize(Transform):
-    """PIL image -> float32 tensor [C, H, W] in [0, 1], then ``(x - mean) / std`` per channel (skipped if mean is None).
-
-    Images that are not RGB or L are converted to RGB first.
-    """
+    """PIL image (converted to RGB unless RGB or L) -> float32 [C, H, W] in [0, 1], then `(x - mean) / std` per channel
+    (skipped when mean is None)."""
 
     def __init__(self, mean: Sequence[float] | None = IMAGENET_MEAN, std: Sequence[float] | None = IMAGENET_STD):
         if (mean is None) != (std is None):
@@ -237,10 +229,6 @@ def imagenet_val_transform(size: int = 224, resize: int | None = None, *, mean=I
     return Compose([Resize(resize), CenterCrop(size), ToTensorNormalize(mean, std)])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tensor level
-
-
 def _check_index(index, n: int, device) -> torch.Tensor:
     if not isinstance(index, torch.Tensor) or index.dtype != torch.int64 or index.dim() != 1:
         raise DataError("index: expected a 1-D torch.long tensor of dataset indices")
@@ -254,11 +242,8 @@ def _check_index(index, n: int, device) -> torch.Tensor:
 
 def crop_flip_params(batch: int, padding: int, device, generator: torch.Generator | None = None, *,
                      index: torch.Tensor | None = None, seed: int = 0, epoch: int = 0):
-    """Per-sample (dy, dx, flip) for :func:`cifar_augment`: offsets in [0, 2*padding], flip a bool.
-
-    With ``index`` the draws are a pure function of (seed, epoch, dataset index), identical on every device and for
-    every batch split; otherwise they come from ``generator`` (or the global RNG) on ``device``.
-    """
+    """Per-sample (dy, dx, flip) for `cifar_augment`, offsets in [0, 2*padding]: with `index` a pure function of
+    (seed, epoch, dataset index), the same on every device and batch split; else from `generator` or the global RNG."""
     span = 2 * padding + 1
     if index is not None:
         row = kh.row_hash(index.to(device)[:, None], kh.stream(seed, epoch, kh.TAG_AUGMENT))
@@ -275,14 +260,9 @@ def crop_flip_params(batch: int, padding: int, device, generator: torch.Generato
 
 def cifar_augment(x: torch.Tensor, generator: torch.Generator | None = None, *, index: torch.Tensor | None = None,
                   seed: int = 0, epoch: int = 0, padding: int = 4, flip: bool = True) -> torch.Tensor:
-    """RandomCrop(H×W, padding) with ZERO padding + random horizontal flip, per sample, vectorised on x's device.
-
-    ``x``: [B, C, H, W], any dtype (uint8 before normalisation is cheapest; zero padding then means black, as in the
-    official ``transforms.RandomCrop(32, padding=4)`` on PIL images). Returns a new tensor of x's shape and dtype
-    (channels_last kept). Randomness: ``generator`` (must live on x's device) or the global RNG; or, when ``index``
-    ([B] long dataset indices) is given, keyed by (seed, epoch, index) so that 1 process and N processes — and the
-    per-item DataLoader path (``TensorImageDataset`` with ``aug_seed``) — augment each sample identically.
-    """
+    """RandomCrop(H x W, padding) with ZERO padding (black, as the official `RandomCrop(32, padding=4)` on PIL
+    images) + random horizontal flip, per sample, on x's device; x [B, C, H, W] of any dtype, channels_last kept.
+    Randomness as in `crop_flip_params`: keyed by `index` ([B] long dataset indices), or `generator` on x's device."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise DataError(f"cifar_augment x: expected a [B, C, H, W] tensor, got "
                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -307,8 +287,8 @@ def cifar_augment(x: torch.Tensor, generator: torch.Generator | None = None, *, 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
               dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``(x - mean) / std`` per channel for [C, H, W] or [B, C, H, W]; an integer tensor is first scaled by 1/255 to
-    ``dtype`` (default float32). Works on any device; returns a new tensor."""
+    """`(x - mean) / std` per channel for [C, H, W] or [B, C, H, W]; an integer tensor is first scaled by 1/255 to
+    `dtype` (default float32)."""
     if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
         raise DataError("normalize x: expected a [C, H, W] or [B, C, H, W] tensor")
     if not x.is_floating_point():

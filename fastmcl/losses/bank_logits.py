@@ -33,7 +33,7 @@ def _gather(bank: Tensor, idx: Tensor, buf: Tensor | None) -> Tensor:
 class _BankLogits(torch.autograd.Function):
     # Hand-written rather than einsum + autograd: einsum's backward materialises permuted copies of its operands, and
     # the output is written block by block into L. ∂L/∂E is linear in the bank rows, so the backward below is itself
-    # differentiable in grad_out (the meta phase differentiates twice, fastmcl/meta.py).
+    # differentiable in grad_out (the meta phase differentiates twice).
     @staticmethod
     def forward(ctx, E: Tensor, banks: Tensor, idx: Tensor, k_chunk: int | None) -> Tensor:
         n, K = banks.shape[0], idx.shape[1]

@@ -1,7 +1,6 @@
 """Input validation for the loss API: one clear ValueError naming the argument.
 
-The reference path always runs every check, including `idx` range checks that synchronise a GPU. Fast paths call
-`check_index_range` only when `debug=True` (see README "Backends").
+Every backend checks that `idx` lies inside the bank, which synchronises a GPU; only a compiled graph skips it.
 """
 from __future__ import annotations
 
@@ -72,7 +71,7 @@ def check_banks(banks: list[Tensor], dim: int, names: list[str]) -> int:
     return n_rows
 
 
-def check_index(idx: Tensor, batch: int, pos_k: int, n_rows: int, *, check_range: bool = True) -> None:
+def check_index(idx: Tensor, batch: int, pos_k: int, n_rows: int) -> None:
     if not isinstance(pos_k, int) or isinstance(pos_k, bool) or pos_k < 1:
         raise ValueError(f"pos_k must be an int >= 1, got {pos_k!r}")
     if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in _INT_DTYPES:
@@ -82,12 +81,12 @@ def check_index(idx: Tensor, batch: int, pos_k: int, n_rows: int, *, check_range
     if idx.shape[1] < pos_k + 2:
         raise ValueError(f"idx needs K >= 1 + pos_k + 1 = {pos_k + 2} columns (own, positives, >= 1 negative), "
                          f"got K={idx.shape[1]}")
-    if check_range and not torch.compiler.is_compiling():  # a host sync: kept out of compiled graphs
+    if not torch.compiler.is_compiling():  # a host sync: kept out of compiled graphs
         check_index_range(idx, n_rows)
 
 
 def check_index_range(idx: Tensor, n_rows: int) -> None:
-    """Synchronises the device: the reference path always calls it, fast paths only in debug mode."""
+    """Reads the index range on the host (a device sync)."""
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_rows):
         raise ValueError(f"idx has values in [{int(idx.min())}, {int(idx.max())}], outside the bank's range "
                          f"[0, {n_rows})")

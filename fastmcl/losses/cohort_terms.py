@@ -1,9 +1,9 @@
-"""The whole cohort's contrastive loss from a `ContrastPlan`, each distinct logit block computed once.
+"""The whole cohort's contrastive terms from a `ContrastPlan`, each distinct logit block computed once (spec §4.2).
 
-In-batch (spec §1.2): one GEMM gives every block e_u e_vᵀ/τ; the per-row statistics of the distinct blocks and
-block pairs are computed once and combined with each pair's weights. Memory bank (spec §1.3): each network's bank is
-gathered once per step and scored against every embedding ([B, K, D] × all NE embeddings), instead of 4 gathers per
-pair call. Values equal the naive sum of pair calls (tests/test_cohort_terms.py).
+In-batch (spec §1.2): one GEMM gives every block e_u e_vᵀ/τ. Memory bank (spec §1.3): each network's bank is gathered
+once and scored against every embedding. The per-row statistics of the distinct blocks (`inbatch_rows_reference`,
+`bank_rows_reference`: the contracts the kernels implement) are combined with each pair's weights; the values equal
+the sum of the plan's pair calls (`pair_terms`).
 """
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from torch import Tensor
 from . import checks
 from .backend import resolve_backend
 from .bank_logits import bank_logits_all
-from .contrastive import ContrastiveTerms, compute_dtype, inbatch_masks
 from .plan import ContrastPlan
-from .rows import kl_rows, leading_positive_rows, supcon_rows
+from .rows import ContrastiveTerms, compute_dtype, inbatch_masks, kl_rows, leading_positive_rows, supcon_rows
 
 
 @functools.lru_cache(maxsize=64)
@@ -45,26 +44,35 @@ def _plan_indices(plan: ContrastPlan, device: torch.device) -> dict[str, Tensor]
 
 
 @functools.lru_cache(maxsize=64)
-def _bank_groups(plan: ContrastPlan, device: torch.device) -> tuple:
-    """The bank path's static partition of the plan: per setting (view blocks, then cross blocks), the ce rows it owns
-    (`sel`), each row's distinct (embedding, bank) block (`inverse`), the kl rows it owns (`kl_sel`), and on the host
-    the distinct ce blocks (u, m) and the kl blocks (su, sm, tu, tm) as lists. Precomputed so a compiled step has no
-    data-dependent `nonzero`/`unique`/`tolist` (no graph break), and host indices make every block a view of L."""
-    net = plan.net_of
-
+def _bank_groups(ce_u: tuple, ce_m: tuple, ce_view: tuple, kl_su: tuple, kl_sm: tuple, kl_tu: tuple, kl_tm: tuple,
+                 kl_view: tuple, device: torch.device) -> tuple:
+    """The bank rows' static partition, from host copies of `bank_rows_reference`'s index arguments: per setting (view
+    blocks, then cross blocks), the ce rows it owns (`sel`), each row's distinct (embedding, bank) block (`inverse`),
+    the kl rows it owns (`kl_sel`), and on the host the distinct ce blocks (u, m) and the kl blocks (su, sm, tu, tm).
+    Host indices make every block a view of L; built once per plan, a compiled step has no data-dependent op."""
     def t(values):
         return torch.tensor(values, dtype=torch.long, device=device)
 
     groups = []
     for view in (True, False):
-        ce_sel = [i for i, b in enumerate(plan.ce_blocks) if plan.is_view_block(b) == view]
-        keys = [(plan.ce_blocks[i][0], net[plan.ce_blocks[i][1]]) for i in ce_sel]
+        ce_sel = [i for i, v in enumerate(ce_view) if v == view]
+        keys = [(ce_u[i], ce_m[i]) for i in ce_sel]
         blocks = sorted(set(keys))
-        kl_sel = [i for i, (s, _) in enumerate(plan.kl_blocks) if plan.is_view_block(s) == view]
-        kl = [(s[0], net[s[1]], t_[0], net[t_[1]]) for s, t_ in (plan.kl_blocks[i] for i in kl_sel)]
-        host = tuple([b[j] for b in blocks] for j in range(2)) + tuple([e[j] for e in kl] for j in range(4))
+        kl_sel = [i for i, v in enumerate(kl_view) if v == view]
+        host = ([u for u, _ in blocks], [m for _, m in blocks]) + tuple([col[i] for i in kl_sel]
+                                                                        for col in (kl_su, kl_sm, kl_tu, kl_tm))
         groups.append((t(ce_sel), t([blocks.index(k) for k in keys]), t(kl_sel), host))
     return tuple(groups)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_bank_groups(plan: ContrastPlan, device: torch.device) -> tuple:
+    """`_bank_groups` of a plan's bank rows, without reading any device tensor."""
+    net = plan.net_of
+    ce, kl = plan.ce_blocks, plan.kl_blocks
+    return _bank_groups(tuple(u for u, _ in ce), tuple(net[v] for _, v in ce), tuple(map(plan.is_view_block, ce)),
+                        tuple(s[0] for s, _ in kl), tuple(net[s[1]] for s, _ in kl), tuple(t[0] for _, t in kl),
+                        tuple(net[t[1]] for _, t in kl), tuple(plan.is_view_block(s) for s, _ in kl), device)
 
 
 def _combine(ce_rows: Tensor, kl_rows_: Tensor, ix: dict[str, Tensor], weights: Tensor | None,
@@ -85,8 +93,9 @@ def _check_common(embeddings: list[Tensor], plan: ContrastPlan, weights, tau, kd
     if not isinstance(plan, ContrastPlan):
         raise ValueError(f"plan must be a ContrastPlan, got {type(plan).__name__}")
     if not isinstance(embeddings, (list, tuple)) or len(embeddings) != plan.num_embeddings:
+        got = len(embeddings) if isinstance(embeddings, (list, tuple)) else repr(embeddings)
         raise ValueError(f"embeddings must be a list of {plan.num_embeddings} tensors (one per network and stage "
-                         f"of the plan), got {len(embeddings) if isinstance(embeddings, (list, tuple)) else embeddings!r}")
+                         f"of the plan), got {got}")
     B, D = checks.check_embedding_groups([list(embeddings)])
     checks.check_positive("tau", tau)
     checks.check_positive("kd_T", kd_T)
@@ -101,7 +110,7 @@ def cohort_contrastive_terms(embeddings: list[Tensor], labels: Tensor, plan: Con
 
     `student_out` (meta phase only, reference backend): a list that receives the student copy of the logits; the
     teacher copy is then NOT detached, so the meta phase can form ∇θ with the teacher held fixed while keeping the
-    teacher's dependence on θ for its second derivatives (see fastmcl/meta.py).
+    teacher's dependence on θ for its second derivatives (`fastmcl.meta`).
     """
     B, _ = _check_common(embeddings, plan, weights, tau, kd_T)
     checks.check_labels(labels, B, embeddings[0].device)
@@ -141,7 +150,7 @@ def inbatch_rows_reference(E: Tensor, labels: Tensor, ce_u: Tensor, ce_v: Tensor
 def _split(S: Tensor, student_out: list | None) -> tuple[Tensor, Tensor]:
     """(student, teacher) views of the logits: the same tensor normally (the teacher is detached in `kl_rows`), or
     two separate graph nodes, the student one handed out, for the meta phase (and the teacher one too, when
-    `student_out` has a `teachers` list: the meta phase's transpose correction, fastmcl/meta.py)."""
+    `student_out` has a `teachers` list: the meta phase's transpose correction)."""
     if student_out is None:
         return S, S
     student, teacher = S.clone(), S.clone()
@@ -169,7 +178,7 @@ def cohort_bank_contrastive_terms(embeddings: list[Tensor], banks: list[Tensor],
     n_nets = max(plan.net_of) + 1
     banks = _bank_tensor(banks, n_nets)
     n_rows = checks.check_banks(list(banks.unbind(0)), D, [f"banks[{i}]" for i in range(n_nets)])
-    checks.check_index(idx, B, pos_k, n_rows, check_range=True)
+    checks.check_index(idx, B, pos_k, n_rows)
     if k_chunk is not None and (not isinstance(k_chunk, int) or k_chunk < 1):
         raise ValueError(f"k_chunk must be None or an int >= 1, got {k_chunk!r}")
     use = resolve_backend(backend, embeddings[0].device, embeddings[0].dtype,
@@ -182,7 +191,7 @@ def cohort_bank_contrastive_terms(embeddings: list[Tensor], banks: list[Tensor],
             net_of[ix["kl_sv"]], ix["kl_tu"], net_of[ix["kl_tv"]], ix["kl_is_view"], tau, kd_T, pos_k)
     if use == "reference":
         ce, kl = bank_rows_reference(*args, k_chunk=k_chunk, student_out=student_out,
-                                     groups=_bank_groups(plan, E.device))
+                                     groups=_plan_bank_groups(plan, E.device))
     else:
         _no_split(student_out)
         ce, kl = _kernels().bank_rows(*args)
@@ -199,25 +208,18 @@ def bank_rows_reference(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_
     A view block (VCL) drops column 0 and has pos_k leading positives; a cross block (ICL) keeps all K columns with
     1 + pos_k leading positives. Returns ce [Nc, B] (rows of blocks (ce_u, ce_m)) and kl [Nk, B] (KL rows at T of
     student (kl_su, kl_sm) vs detached teacher (kl_tu, kl_tm); both sides share the view flag).
-    `groups`: the plan's partition into view / cross rows precomputed (`_bank_groups`); None derives it here.
+    `groups`: `_bank_groups` of these arguments when the caller has it (the engine, from its plan); None reads the
+    index arguments on the host to build it.
     """
     B = E.shape[1]
     # L[u, m] = e_u · Mem_m[idx]ᵀ / τ: depends on the contrast side only through the bank (spec §4.2).
     L = bank_logits_all(E / tau, banks, idx, k_chunk)                      # [NE, n, B, K]
-    n = L.shape[1]
     if groups is None:
-        groups = []
-        for view in (True, False):
-            sel = (ce_view == view).nonzero().flatten()
-            blocks, inverse = torch.unique(ce_u[sel] * n + ce_m[sel], return_inverse=True)
-            kl_sel = (kl_view == view).nonzero().flatten()
-            host = tuple(x.tolist() for x in (blocks // n, blocks % n, kl_su[kl_sel], kl_sm[kl_sel], kl_tu[kl_sel],
-                                              kl_tm[kl_sel]))
-            groups.append((sel, inverse, kl_sel, host))
+        groups = _bank_groups(*(tuple(i.tolist()) for i in (ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view)),
+                              device=E.device)
     # per group: (columns dropped, leading positives, host lists of ce blocks (u, m) and kl blocks (su, sm, tu, tm))
     specs = tuple((drop, n_pos, *host) for (*_, host), (drop, n_pos) in zip(groups, ((1, pos_k), (0, 1 + pos_k))))
-    # The hand-written backward keeps only L alive (no [B, K] softmax temporaries per block, no full-size zero gradient
-    # per block slice). The meta phase (student_out) differentiates twice and takes the plain autograd path.
+    # The hand-written backward keeps only L alive; the meta phase (student_out) differentiates twice: plain autograd.
     if student_out is None and torch.is_grad_enabled() and L.requires_grad:
         rows = _BankRows.apply(L, specs, kd_T)
     else:
@@ -291,7 +293,8 @@ def _bank_tensor(banks, n_nets: int) -> Tensor:
     if isinstance(banks, (list, tuple)) and len(banks) == n_nets and all(isinstance(b, Tensor) for b in banks):
         for i, b in enumerate(banks):
             if b.dim() != 2 or b.shape != banks[0].shape:
-                raise ValueError(f"banks[{i}] must be [N, D] like banks[0] {tuple(banks[0].shape)}, got {tuple(b.shape)}")
+                raise ValueError(f"banks[{i}] must be [N, D] like banks[0] {tuple(banks[0].shape)}, "
+                                 f"got {tuple(b.shape)}")
         return torch.stack(list(banks))
     raise ValueError(f"banks must be a [{n_nets}, N, D] tensor or a list of {n_nets} [N, D] tensors (one per network)")
 

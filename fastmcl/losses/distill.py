@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import checks
-from .contrastive import compute_dtype
+from .rows import compute_dtype
 
 
 def kd_kl(student: Tensor, teacher: Tensor, T: float = 3.0, *, detach_teacher: bool = True) -> Tensor:

@@ -1,19 +1,39 @@
-"""Per-anchor-row statistics shared by every contrastive term (spec/lmcl.md §1.2, §1.3).
+"""The per-anchor-row statistics every contrastive term is built from (spec/lmcl.md §1.2, §1.3) and the terms' type.
 
-All functions take logit matrices S that are already `cos / tau` and reduce over the last dimension, so they work on
-[B, K] and on stacked [..., B, K] blocks alike. Computation is in the logits' dtype; callers pass fp32 or fp64.
+Row functions take logits that are already `cos / tau` and reduce over the last dimension, so they work on one [B, K]
+block and on stacked [..., B, K] blocks alike; they compute in the logits' dtype (callers pass fp32 or fp64).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 
-def supcon_rows(logits: Tensor, pos_mask: Tensor, denom_mask: Tensor | None = None) -> Tensor:
-    """−Σ_j P[i,j]·(S[i,j] − log Σ_{k: M[i,k]} exp S[i,k]) / Σ_j P[i,j], per row (spec §1.2 `L(S)` before the mean).
+class ContrastiveTerms(NamedTuple):
+    vcl: Tensor
+    soft_vcl: Tensor
+    icl: Tensor
+    soft_icl: Tensor
 
-    Rule for a row with no positive (e.g. a class of one in the batch; the official code divides 0/0 = NaN):
-    the row contributes 0. With the official samplers every row has a positive and nothing changes.
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """Losses and softmax statistics run in fp32 (fp64 stays fp64): half-precision inputs are upcast at once."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def inbatch_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """P = 1[y_i = y_j] − I (positives) and M = 1 − I (denominator), as bool [B, B]."""
+    off_diag = ~torch.eye(labels.shape[0], dtype=torch.bool, device=labels.device)
+    return (labels[:, None] == labels[None, :]) & off_diag, off_diag
+
+
+def supcon_rows(logits: Tensor, pos_mask: Tensor, denom_mask: Tensor | None = None) -> Tensor:
+    """−Σ_j P[i,j]·(S[i,j] − log Σ_{k: M[i,k]} exp S[i,k]) / Σ_j P[i,j] per row (spec §1.2 `L(S)` before the mean).
+
+    A row with no positive (a class of one in the batch; the official code divides 0/0 = NaN) contributes 0. With the
+    official samplers every row has a positive and nothing changes.
     """
     masked = logits if denom_mask is None else logits.masked_fill(~denom_mask, float("-inf"))
     lse = torch.logsumexp(masked, dim=-1)
@@ -30,11 +50,11 @@ def leading_positive_rows(logits: Tensor, n_pos: int) -> Tensor:
 
 
 def kl_rows(student: Tensor, teacher: Tensor, T: float, *, detach_teacher: bool = True) -> Tensor:
-    """Σ_j p_t (log p_t − log p_s) per row with p = softmax(S / T) over all columns; the teacher is detached
-    (`detach_teacher=False` only for the meta phase's split-teacher gradient, see fastmcl/meta.py).
+    """Σ_j p_t (log p_t − log p_s) per row with p = softmax(S / T) over all columns; the teacher is detached unless
+    `detach_teacher=False` (the meta phase's split teacher, `fastmcl.meta`).
 
-    Centred form (DESIGN.md "Kernels"): log p_t − log p_s = (S_t − S_s)/T − (lse_t − lse_s), which keeps fp32
-    accurate where subtracting two log-softmaxes loses ~4e-5 relative.
+    Centred form: log p_t − log p_s = (S_t − S_s)/T − (lse_t − lse_s), accurate in fp32 where subtracting two
+    log-softmaxes is not (DESIGN.md "Kernels").
     """
     if detach_teacher:
         teacher = teacher.detach()

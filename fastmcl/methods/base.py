@@ -1,8 +1,13 @@
-"""What every method (objective) looks like to the trainer. The trainer never branches on a method's name: it reads
-`needs` to build the cohort and the data path, calls the objective on the members' outputs, and evaluates every
-classifier `eval_logits` names (spec/pcl_baselines.md §3, the method × requirement table)."""
+"""What every method (objective) looks like to the trainer, and the registry of methods by name.
+
+The trainer never branches on a method's name: it reads `needs` to build the cohort and the data path, calls the
+objective on the members' outputs, and evaluates every classifier `eval_logits` names (spec/pcl_baselines.md §3).
+Each method file registers its class with `@register("name")` and says how it builds (`create`), what it needs
+(`needs_for`) and which config defaults it sets (`default_settings`).
+"""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,6 +30,30 @@ class MethodNeeds:
     ema: bool = False                # a temporal-mean (EMA) copy of the cohort (PCL mean teachers)
 
 
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method is built from: the cohort's shape, the data's size and the method's settings."""
+    feature_dims: list[int]
+    num_stages: list[int]
+    num_classes: int
+    memory_bank: bool = False
+    num_samples: int = 0              # dataset size (memory banks)
+    weights: object = None            # `ContrastWeights` (MCL / L-MCL); None: the method's defaults
+    feat_dim: int = 128
+    pos_k: int = 1
+    nce_m: float = 0.5
+    kd_T: float = 3.0
+    logit_kd: bool = False
+    backend: str = "reference"
+    k_chunk: int | None = None
+    trunk_dim: int | None = None      # the shared trunk's width (`cohort.trunk_dim`, ONE's gate)
+    rampup_epochs: int = 80           # length of the sigmoid ramp-up (ONE / OKDDip / CL-ILR / PCL; 0: none)
+
+    @property
+    def members(self) -> int:
+        return len(self.feature_dims)
+
+
 class StepOutput(NamedTuple):
     loss: Tensor                     # scalar to backpropagate
     terms: dict[str, Tensor]         # named scalar parts (for logging; already weighted as in the total)
@@ -34,7 +63,11 @@ class StepOutput(NamedTuple):
 class Objective(nn.Module):
     """Base class: a plain function of the members' outputs, plus the modules it owns (heads, banks, meta-net)."""
 
+    #: the registered name (`--method`), set by `register`
+    name: str = ""
     needs: MethodNeeds = MethodNeeds()
+    #: whether the method can contrast against memory banks (its default on ImageNet-style data)
+    supports_memory_bank: bool = False
     #: name of the classifier in `eval_logits` that is deployed (a member's final classifier)
     deployed: str = "net0"
 
@@ -47,6 +80,20 @@ class Objective(nn.Module):
     #: under DDP the trainer sets this to an all-gather with gradient (rank-ordered concatenation along dim 0);
     #: in-batch contrast gathers embeddings, labels and weights so negatives span the global batch
     gather = None
+
+    @classmethod
+    def needs_for(cls, memory_bank: bool = False) -> MethodNeeds:
+        """What the method needs before its cohort exists (layout, views, EMA copy, sizes)."""
+        return cls.needs
+
+    @classmethod
+    def default_settings(cls, memory_bank: bool) -> dict[str, float]:
+        """Config fields this method fills when the user gives none (e.g. τ and the contrastive weights)."""
+        return {}
+
+    @classmethod
+    def create(cls, ctx: MethodContext) -> "Objective":
+        raise NotImplementedError
 
     def forward(self, outputs, labels: Tensor, contrast_idx: Tensor | None = None, *,
                 ema_outputs=None) -> StepOutput:
@@ -85,3 +132,30 @@ def fp32(module: nn.Module, x: Tensor) -> Tensor:
 def sum_ce(logit_list, labels: Tensor) -> Tensor:
     """Σ CE over a list of classifiers' logits."""
     return torch.stack([cross_entropy(z, labels) for z in logit_list]).sum()
+
+
+_REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an `Objective` subclass available as `--method name`."""
+    def add(cls: type[Objective]) -> type[Objective]:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return add
+
+
+def registered() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get_method(name: str) -> type[Objective]:
+    """The class registered as `name`; an unknown name is a ValueError that suggests the closest one."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), _REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"method must be one of {', '.join(_REGISTRY)}, got {name!r}{hint}")
+    return _REGISTRY[name]

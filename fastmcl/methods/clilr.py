@@ -13,13 +13,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MethodNeeds, Objective, StepOutput, sum_ce
+from .base import MethodContext, MethodNeeds, Objective, StepOutput, register, sum_ce
 from .rampup import sigmoid_rampup
 from .teachers import check_members, check_outputs, distill_each, mean_logits, mean_of_others
 
 
+@register("clilr")
 class CLILR(Objective):
     needs = MethodNeeds(shared_trunk=True, trunk_grad_scale=True, min_members=2, default_members=3)
+
+    @classmethod
+    def create(cls, ctx: MethodContext) -> "CLILR":
+        return cls(ctx.members, kd_T=ctx.kd_T, rampup_epochs=ctx.rampup_epochs)
 
     def __init__(self, num_members: int, *, kd_T: float = 3.0, rampup_epochs: int = 80):
         super().__init__()

@@ -6,15 +6,36 @@ import torch
 from torch import Tensor
 
 from ..losses import ContrastPlan, MemoryBank, cohort_bank_contrastive_terms, cohort_contrastive_terms
-from .base import MethodNeeds, Objective, StepOutput
+from .base import MethodContext, MethodNeeds, Objective, StepOutput
 from .weights import ContrastWeights
 
 
 class ContrastiveObjective(Objective):
-    def __init__(self, plan: ContrastPlan, *, weights: ContrastWeights, aux: bool, memory_bank: bool,
+    supports_memory_bank = True
+    #: auxiliary branches on every member (L-MCL)
+    aux: bool = False
+
+    @classmethod
+    def needs_for(cls, memory_bank: bool = False) -> MethodNeeds:
+        """In-batch contrast needs 2 samples per class in every batch; the bank needs the negative sampler."""
+        return MethodNeeds(aux=cls.aux, memory_bank=memory_bank, m_per_class=0 if memory_bank else 2)
+
+    @classmethod
+    def default_settings(cls, memory_bank: bool) -> dict[str, float]:
+        w = ContrastWeights.defaults(cls.name, memory_bank)
+        return {"tau": w.tau, "alpha": w.alpha, "gamma": w.gamma, "beta": w.beta, "lam": w.lam}
+
+    @classmethod
+    def contrast_settings(cls, ctx: MethodContext) -> dict:
+        """The keyword arguments MCL and L-MCL share, from the build context."""
+        return dict(weights=ctx.weights or ContrastWeights.defaults(cls.name, ctx.memory_bank),
+                    memory_bank=ctx.memory_bank, num_samples=ctx.num_samples, feat_dim=ctx.feat_dim, pos_k=ctx.pos_k,
+                    nce_m=ctx.nce_m, backend=ctx.backend, k_chunk=ctx.k_chunk)
+
+    def __init__(self, plan: ContrastPlan, *, weights: ContrastWeights, memory_bank: bool,
                  num_samples: int, feat_dim: int, pos_k: int, nce_m: float, backend: str, k_chunk: int | None):
         super().__init__()
-        self.needs = MethodNeeds(aux=aux, memory_bank=memory_bank, m_per_class=0 if memory_bank else 2)
+        self.needs = self.needs_for(memory_bank)
         self.w, self.plan = weights, plan
         num_nets = max(plan.net_of) + 1
         self.memory = MemoryBank(num_nets, num_samples, feat_dim, nce_m) if memory_bank else None

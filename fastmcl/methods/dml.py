@@ -6,11 +6,16 @@ import torch
 from torch import Tensor
 
 from ..losses import kd_kl
-from .base import MethodNeeds, Objective, StepOutput, sum_ce
+from .base import MethodContext, MethodNeeds, Objective, StepOutput, register, sum_ce
 
 
+@register("dml")
 class DML(Objective):
     needs = MethodNeeds()
+
+    @classmethod
+    def create(cls, ctx: MethodContext) -> "DML":
+        return cls(ctx.members, kd_T=ctx.kd_T)
 
     def __init__(self, num_members: int, *, kd_T: float = 3.0):
         super().__init__()

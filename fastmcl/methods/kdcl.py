@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import MethodNeeds, Objective, StepOutput, sum_ce
+from .base import MethodContext, MethodNeeds, Objective, StepOutput, register, sum_ce
 from .teachers import check_members, check_outputs, distill_each, mean_logits, min_logit
 
 
+@register("kdcl")
 class KDCL(Objective):
     needs = MethodNeeds(views=True, min_members=2, default_members=2)
+
+    @classmethod
+    def create(cls, ctx: MethodContext) -> "KDCL":
+        return cls(ctx.members, kd_T=ctx.kd_T)
 
     def __init__(self, num_members: int, *, kd_T: float = 3.0, lam: float = 1.0):
         super().__init__()

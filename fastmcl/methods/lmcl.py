@@ -14,17 +14,24 @@ from torch import Tensor, nn
 from ..losses import compute_dtype, kd_kl, layer_pairs, lmcl_plan
 from ..models.heads import Aggregator, EmbedHead
 from ..models.meta_network import MetaWeightNet
-from .base import StepOutput, fp32, sum_ce
+from .base import MethodContext, StepOutput, fp32, register, sum_ce
 from .contrastive import ContrastiveObjective
 from .weights import ContrastWeights
 
 
+@register("lmcl")
 class LMCL(ContrastiveObjective):
+    aux = True
+
+    @classmethod
+    def create(cls, ctx: MethodContext) -> "LMCL":
+        return cls(ctx.feature_dims, ctx.num_stages, ctx.num_classes, **cls.contrast_settings(ctx))
+
     def __init__(self, feature_dims: list[int], num_stages: list[int], num_classes: int, *,
                  weights: ContrastWeights, memory_bank: bool = False, num_samples: int = 0, feat_dim: int = 128,
                  pos_k: int = 1, nce_m: float = 0.5, backend: str = "reference", k_chunk: int | None = None,
                  meta_proj_dim: int = 128):
-        super().__init__(lmcl_plan(list(num_stages)), weights=weights, aux=True, memory_bank=memory_bank,
+        super().__init__(lmcl_plan(list(num_stages)), weights=weights, memory_bank=memory_bank,
                          num_samples=num_samples, feat_dim=feat_dim, pos_k=pos_k, nce_m=nce_m, backend=backend,
                          k_chunk=k_chunk)
         n = len(feature_dims)

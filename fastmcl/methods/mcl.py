@@ -10,17 +10,24 @@ from torch import Tensor, nn
 
 from ..losses import kd_kl, mcl_plan
 from ..models.heads import EmbedHead
-from .base import StepOutput, fp32, sum_ce
+from .base import MethodContext, StepOutput, fp32, register, sum_ce
 from .contrastive import ContrastiveObjective
 from .weights import ContrastWeights
 
 
+@register("mcl")
 class MCL(ContrastiveObjective):
+
+    @classmethod
+    def create(cls, ctx: MethodContext) -> "MCL":
+        return cls(ctx.feature_dims, logit_kd=ctx.logit_kd, detach_ensemble=not ctx.memory_bank,
+                   **cls.contrast_settings(ctx))
+
     def __init__(self, feature_dims: list[int], *, weights: ContrastWeights, memory_bank: bool = False,
                  num_samples: int = 0, feat_dim: int = 128, pos_k: int = 1, nce_m: float = 0.5,
                  logit_kd: bool = False, detach_ensemble: bool = True, backend: str = "reference",
                  k_chunk: int | None = None):
-        super().__init__(mcl_plan(len(feature_dims)), weights=weights, aux=False, memory_bank=memory_bank,
+        super().__init__(mcl_plan(len(feature_dims)), weights=weights, memory_bank=memory_bank,
                          num_samples=num_samples, feat_dim=feat_dim, pos_k=pos_k, nce_m=nce_m, backend=backend,
                          k_chunk=k_chunk)
         self.heads = nn.ModuleList(EmbedHead(d, feat_dim) for d in feature_dims)

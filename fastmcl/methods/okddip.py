@@ -18,13 +18,21 @@ import torch
 from torch import Tensor
 
 from ..losses import cross_entropy
-from .base import MethodNeeds, Objective, StepOutput, sum_ce
+from .base import MethodContext, MethodNeeds, Objective, StepOutput, register, sum_ce
 from .rampup import sigmoid_rampup
 from .teachers import PeerAttention, check_members, check_outputs, distill_each, mean_logits
 
 
+@register("okddip")
 class OKDDip(Objective):
     needs = MethodNeeds(shared_trunk=True, min_members=3, default_members=4)
+
+    @classmethod
+    def create(cls, ctx: MethodContext) -> "OKDDip":
+        if len(set(ctx.feature_dims[:-1])) != 1:
+            raise ValueError(f"method 'okddip' shares Q/K over the peers: their feature dims must be equal, "
+                             f"got {list(ctx.feature_dims[:-1])}")
+        return cls(ctx.members, ctx.feature_dims[0], kd_T=ctx.kd_T, rampup_epochs=ctx.rampup_epochs)
 
     def __init__(self, num_members: int, feature_dim: int, *, kd_T: float = 3.0, alpha: float = 1.0,
                  rampup_epochs: int = 80):

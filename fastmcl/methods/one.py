@@ -11,13 +11,18 @@ import torch
 from torch import Tensor
 
 from ..losses import cross_entropy
-from .base import MethodNeeds, Objective, StepOutput, sum_ce
+from .base import MethodContext, MethodNeeds, Objective, StepOutput, register, sum_ce
 from .rampup import sigmoid_rampup
 from .teachers import GatedEnsemble, check_members, check_outputs, distill_each
 
 
+@register("one")
 class ONE(Objective):
     needs = MethodNeeds(shared_trunk=True, min_members=2, default_members=3)
+
+    @classmethod
+    def create(cls, ctx: MethodContext) -> "ONE":
+        return cls(ctx.members, ctx.trunk_dim, kd_T=ctx.kd_T, rampup_epochs=ctx.rampup_epochs)
 
     def __init__(self, num_members: int, trunk_dim: int | None, *, kd_T: float = 3.0, rampup_epochs: int = 80):
         super().__init__()

@@ -12,14 +12,19 @@ import torch
 from torch import Tensor
 
 from ..losses import cross_entropy, kd_kl
-from .base import MethodNeeds, Objective, StepOutput, sum_ce
+from .base import MethodContext, MethodNeeds, Objective, StepOutput, register, sum_ce
 from .rampup import sigmoid_rampup
 from .teachers import ConcatClassifier, check_members, check_outputs, distill_each
 
 
+@register("pcl")
 class PCL(Objective):
     needs = MethodNeeds(shared_trunk=True, views=True, ema=True, min_members=2, default_members=3)
     deployed = "ema0"
+
+    @classmethod
+    def create(cls, ctx: MethodContext) -> "PCL":
+        return cls(ctx.feature_dims, ctx.num_classes, kd_T=ctx.kd_T, rampup_epochs=ctx.rampup_epochs)
 
     def __init__(self, feature_dims: list[int], num_classes: int, *, kd_T: float = 3.0, rampup_epochs: int = 80):
         super().__init__()

@@ -7,6 +7,7 @@ from .meta_network import MetaWeightNet
 from .registry import ARCHS, build_backbone, is_imagenet_arch
 from .resnet_cifar import CifarResNet
 from .resnet_imagenet import ImageNetResNet
+from .standalone import Classifier, extract_member, member_state_dict
 from .wrn_cifar import WideResNet
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "BackboneOutput",
     "Branch",
     "CifarResNet",
+    "Classifier",
     "Cohort",
     "EmbedHead",
     "ImageNetResNet",
@@ -23,6 +25,8 @@ __all__ = [
     "WideResNet",
     "build_backbone",
     "build_cohort",
+    "extract_member",
     "global_pool",
     "is_imagenet_arch",
+    "member_state_dict",
 ]

@@ -1,15 +1,7 @@
-"""Holding the pieces of piecewise-linear ops fixed between forwards: ReLU on/off masks, max-pool winners, dropout
-masks. Used by the meta phase (fastmcl/meta.py) to take derivatives of the networks by differences.
-
-Why: a ReLU network's gradient jumps where a unit changes sign, and autograd's second derivatives are those of the
-network with every unit's state held where it was (relu'' = 0). A difference of gradients (or of forwards) taken with
-the pieces recorded at the base point and replayed at the shifted point is the difference of one smooth function, so
-it converges to exactly what autograd computes, with an O(h) error from the smooth ops (BN, softmax) alone. Without
-this a unit that flips between the two points adds a jump that does not shrink with h (measured on 2×ResNet-32 in
-fp32: 6–450× off at h = 1e-1…1e-3). Dropout is random per forward; replaying its mask makes the forwards comparable.
-
-The ops are intercepted with a TorchFunctionMode, so nn.ReLU / nn.MaxPool2d / nn.Dropout modules and the functional
-forms are covered without touching any module, and a forward that takes a different path fails loudly.
+"""The pieces of piecewise-linear ops (ReLU on/off masks, max-pool winners, dropout masks) recorded in one forward and
+replayed in another, so that differences of the networks' gradients converge to autograd's second derivatives even
+where a unit changes sign (docs/meta_phase.md "Held pieces"). Ops are intercepted by a `TorchFunctionMode`: modules and
+functional forms alike, no module touched; a forward that takes another path fails loudly.
 """
 from __future__ import annotations
 
@@ -32,9 +24,7 @@ _UNSUPPORTED = {F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.featur
 
 class _HeldRelu(torch.autograd.Function):
     """ReLU with a recorded on/off pattern: x where the mask is set, else 0, forward and backward one aten op each
-    (threshold_backward reading the bool mask as uint8). Against `x.mul_(mask)` and its MulBackward this measured
-    19.7 → 18.2 s per B=128 phase here (paired runs); on CPU aten still converts the uint8 mask to float inside the op
-    (≈ 0.3 s per phase), which a float mask would avoid at 4× the memory."""
+    (`threshold_backward` reading the bool mask as uint8; cheaper than `x * mask` and its backward)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, on: Tensor, inplace: bool) -> Tensor:
@@ -53,18 +43,17 @@ class _HeldRelu(torch.autograd.Function):
 
 
 class _Piece(NamedTuple):
-    kind: str           # "relu" (bool on/off mask), "max_pool" (winner indices), "dropout" (x's scale)
+    kind: str           # "relu" (bool on/off mask: 1 byte per unit), "max_pool" (winner indices), "dropout" (scale)
     tensor: Tensor
 
 
 class Pieces(TorchFunctionMode):
     """`with Pieces() as p: forward(...)` records the pieces; `with p.replay(): forward(...)` replays them, in call
-    order, in a forward of the same structure (any parameters). A ReLU's piece is a bool mask (1 byte per unit; its
-    recorded output would save the `> 0` pass but hold 4 bytes per unit, +0.9 GB at the peak of a B=128 phase)."""
+    order, in a forward of the same structure (any parameters)."""
 
     def __init__(self):
         super().__init__()
-        self.pieces: list[_Piece] = []
+        self._pieces: list[_Piece] = []
         self._replaying = False
         self._cursor = 0
 
@@ -76,19 +65,16 @@ class Pieces(TorchFunctionMode):
         replaying, used = self._replaying, self._cursor
         self._replaying = False
         out = super().__exit__(exc_type, exc, tb)
-        if replaying and exc_type is None and used != len(self.pieces):
-            raise RuntimeError(f"the replayed forward used {used} of {len(self.pieces)} recorded pieces: it did not "
+        if replaying and exc_type is None and used != len(self._pieces):
+            raise RuntimeError(f"the replayed forward used {used} of {len(self._pieces)} recorded pieces: it did not "
                                "take the recorded forward's path")
         return out
 
-    def _record(self, kind: str, tensor: Tensor) -> None:
-        self.pieces.append(_Piece(kind, tensor))
-
     def _next(self, kind: str, fits) -> Tensor:
         """The next recorded piece, which must be of `kind` and which `fits(piece)` must accept."""
-        if self._cursor >= len(self.pieces):
+        if self._cursor >= len(self._pieces):
             raise RuntimeError("the replayed forward has more piecewise-linear ops than the recorded one")
-        piece = self.pieces[self._cursor]
+        piece = self._pieces[self._cursor]
         self._cursor += 1
         if piece.kind != kind or not fits(piece.tensor):
             raise RuntimeError(f"recorded piece {piece.kind} of shape {tuple(piece.tensor.shape)} "
@@ -106,7 +92,7 @@ class Pieces(TorchFunctionMode):
             return self._dropout(args, kwargs)
         if func in _UNSUPPORTED:
             raise NotImplementedError(f"{getattr(func, '__name__', func)} is not supported inside a forward whose "
-                                      "pieces are held fixed (fastmcl/kinks.py)")
+                                      "pieces are held fixed (fastmcl.meta.pieces)")
         return func(*args, **kwargs)
 
     def _relu(self, func, args, kwargs):
@@ -115,7 +101,7 @@ class Pieces(TorchFunctionMode):
             (func is F.relu and len(args) > 1 and args[1])
         if not self._replaying:
             out = func(*args, **kwargs)
-            self._record("relu", out > 0)
+            self._pieces.append(_Piece("relu", out > 0))
             return out
         on = self._next("relu", lambda m: m.dtype == torch.bool and m.shape == x.shape)
         # in place, like the op it replays, except where autograd forbids it (a leaf that requires grad, with grad on)
@@ -125,7 +111,7 @@ class Pieces(TorchFunctionMode):
         x = args[0]
         if not self._replaying:
             out, idx = F.max_pool2d_with_indices(*args, **{k: v for k, v in kwargs.items() if k != "return_indices"})
-            self._record("max_pool", idx)
+            self._pieces.append(_Piece("max_pool", idx))
             return out
         idx = self._next("max_pool", lambda i: i.shape[:2] == x.shape[:2])
         return x.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
@@ -138,7 +124,7 @@ class Pieces(TorchFunctionMode):
             return x
         if not self._replaying:
             scale = torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
-            self._record("dropout", scale)
+            self._pieces.append(_Piece("dropout", scale))
         else:
             scale = self._next("dropout", lambda m: m.shape == x.shape)
         return x * scale

@@ -1,0 +1,193 @@
+"""The composition root: every component of a run built from one config. `train`, `evaluate` and `export` use it;
+the trainer receives what is built here and only runs the loop."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import distributed as dist
+from .checkpoint import find_checkpoint, load_checkpoint, run_dir_of
+from .config import TrainConfig
+from .data import NegativeSampler
+from .meta import FD_STEP, MetaPhase
+from .methods import ContrastWeights, Objective, build_method, get_method
+from .models import Cohort, build_cohort
+from .models.ema import EmaCohort
+from .pipeline import TrainData, detect_source
+from .trainer import Trainer, TrainingParts
+
+
+def resolve_config(cfg: TrainConfig, *, cifar_style: bool, demo: bool) -> TrainConfig:
+    """Every None filled: the method's own defaults (memory bank on ImageNet-style data where it has one, cohort
+    size, τ and weights), then the data style's."""
+    method = get_method(cfg.method)
+    bank = cfg.memory_bank if cfg.memory_bank is not None else method.supports_memory_bank and not cifar_style
+    defaults = {"memory_bank": bank, "cohort": method.needs_for(bool(bank)).default_members,
+                **method.default_settings(bool(bank))}
+    return cfg.resolve(cifar_style=cifar_style, demo=demo, method_defaults=defaults)
+
+
+@dataclass
+class Networks:
+    """The trained modules: the cohort, the objective (heads, banks, meta-network) and the EMA copy (PCL)."""
+    cohort: Cohort
+    objective: Objective
+    ema: EmaCohort | None
+
+
+def build_networks(cfg: TrainConfig, num_classes: int, num_samples: int) -> Networks:
+    """Cohort, objective and EMA copy for a resolved config, on the CPU, freshly initialised."""
+    bank = bool(cfg.memory_bank)
+    needs = get_method(cfg.method).needs_for(bank)
+    archs = cfg.members()
+    cohort = build_cohort(archs, num_classes, aux=needs.aux, shared_stem=cfg.shared_stem or needs.shared_trunk,
+                          trunk_stages=None if needs.shared_trunk else 1)
+    if needs.trunk_grad_scale:
+        cohort.trunk_grad_scale = 1.0 / len(archs)
+    weights = ContrastWeights(cfg.alpha, cfg.gamma, cfg.beta, cfg.lam, tau=cfg.tau, kd_T=cfg.kd_T) \
+        if cfg.tau is not None and None not in (cfg.alpha, cfg.gamma, cfg.beta, cfg.lam) else None
+    objective = build_method(cfg.method, feature_dims=cohort.feature_dims, num_stages=cohort.num_stages,
+                             num_classes=num_classes, memory_bank=bank, num_samples=num_samples, weights=weights,
+                             feat_dim=cfg.feat_dim, pos_k=cfg.pos_k, nce_m=cfg.nce_m, kd_T=cfg.kd_T,
+                             logit_kd=cfg.logit_kd, backend=cfg.backend, k_chunk=cfg.k_chunk,
+                             trunk_dim=cohort.trunk_dim, rampup_epochs=cfg.rampup_epochs)
+    ema = EmaCohort(cohort, cfg.ema_alpha) if needs.ema else None
+    return Networks(cohort, objective, ema)
+
+
+def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """One SGD for the whole cohort: apex's FusedSGD when `import apex` works on CUDA, else torch's fused=True on
+    CUDA / foreach=True on CPU. Returns the optimizer and its name for the run log."""
+    params = list(params)
+    common = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    if device.type == "cuda":
+        try:
+            from apex.optimizers import FusedSGD  # optional: not installable from the registries here
+            return FusedSGD(params, **common), "apex.optimizers.FusedSGD"
+        except ImportError:
+            pass
+    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(params, **common, **kind), f"torch.optim.SGD({next(iter(kind))}=True)"
+
+
+#: the files a run writes into its folder (what --overwrite replaces)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "checkpoints", "events.out.tfevents.*")
+
+
+def run_dir(cfg: TrainConfig, *, is_main: bool = True) -> Path:
+    """The run's folder: `--out` (empty or new, or resumed, or `--overwrite`n), else a new
+    `runs/<date-time>-<method>-<arch>/` with `runs/latest` pointing at it. Only rank 0 touches the disk."""
+    if cfg.out:
+        out = Path(cfg.out)
+        if cfg.resume or not out.exists():
+            return out
+        if not out.is_dir():
+            raise ValueError(f"--out {out}: is a file, not a folder")
+        if any(out.iterdir()):
+            if not cfg.overwrite:
+                raise ValueError(f"--out {out}: the folder is not empty; pass --resume {out} to continue that run, "
+                                 f"--overwrite to replace it, or another --out")
+            if is_main:
+                for pattern in RUN_FILES:
+                    for old in out.glob(pattern):
+                        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        return out
+    runs = Path("runs")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    archs = "-".join(dict.fromkeys(cfg.members()))
+    out = runs / f"{stamp}-{cfg.method}-{archs}"
+    n = 1
+    while out.exists():
+        n += 1
+        out = runs / f"{stamp}-{cfg.method}-{archs}-{n}"
+    if is_main:
+        out.mkdir(parents=True)
+        latest = runs / "latest"
+        if latest.is_symlink() or not latest.exists():
+            latest.unlink(missing_ok=True)
+            latest.symlink_to(out.name, target_is_directory=True)
+    return out
+
+
+def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trainer:
+    """Data, networks, distributed wrapping, optimizers, meta phase and precision for `cfg`, handed to a `Trainer`."""
+    source = detect_source(cfg)
+    cfg = resolve_config(cfg, cifar_style=source.cifar_style, demo=source.demo)
+    needs = get_method(cfg.method).needs_for(bool(cfg.memory_bank))
+    info, device = dist.init_distributed(cfg.device)
+    cfg = dataclasses.replace(cfg, out=str(run_dir(cfg, is_main=info.is_main)))
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    data = TrainData(cfg, source, device, m_per_class=cfg.m_per_class if needs.m_per_class else 0,
+                     rank=info.rank, world_size=info.world_size, views=len(cfg.members()) if needs.views else 1)
+    nets = build_networks(cfg, data.num_classes, len(data.labels))
+    cohort, objective = nets.cohort.to(device), nets.objective.to(device)
+    if cfg.channels_last:
+        cohort.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and info.enabled:
+        cohort = dist.convert_sync_batchnorm(cohort, device)
+    if info.enabled:   # identical start on every rank: DDP broadcasts the cohort, the objective is not under DDP
+        dist.broadcast_module_(objective)
+        objective.gather = dist.all_gather_with_grad
+    negatives = (NegativeSampler(data.labels, cfg.pos_k, cfg.neg_k, seed=cfg.seed).to(device)
+                 if objective.needs.memory_bank else None)
+    optimizer, optimizer_name = make_optimizer(list(cohort.parameters()) + objective.main_parameters(), cfg, device)
+    model: nn.Module = cohort   # DDP averages the cohort's gradients in backward; the trainer all-reduces the heads'
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(cohort, device_ids=[device.index] if device.type == "cuda" else None)
+    ema = EmaCohort(cohort, cfg.ema_alpha).to(device) if nets.ema is not None else None
+    meta_optimizer, meta = None, None
+    if objective.supports_meta and cfg.meta_mode != "off":
+        # spec §2.4: the meta-network's own SGD (Nesterov, momentum 0.9, wd), lr on the main schedule
+        meta_optimizer = torch.optim.SGD(objective.meta_parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+                                         weight_decay=cfg.weight_decay)
+        meta = MetaPhase(cohort, objective, meta_optimizer, inner_steps=cfg.meta_inner, mode=cfg.meta_mode,
+                         momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                         fd_step=FD_STEP if cfg.meta_derivatives == "differences" else None,
+                         reduce_grads=dist.all_reduce_mean_grads if info.enabled else None)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    parts = TrainingParts(
+        cfg=cfg, dist=info, device=device, data=data, cohort=cohort, objective=objective, ema=ema, model=model,
+        negatives=negatives, optimizer=optimizer, optimizer_name=optimizer_name, meta=meta,
+        meta_optimizer=meta_optimizer, autocast=autocast,
+        # fp16 needs loss scaling; the meta phase runs in fp32 then (no scaler inside it)
+        meta_autocast=nullcontext() if cfg.amp == "fp16" else autocast,
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"))
+    return Trainer(parts, resume_state=resume_state)
+
+
+def load_run(path: str | Path) -> tuple[TrainConfig, dict]:
+    """The config and state of a run folder (its `best.pt` if there is one, else `last.pt`) or a checkpoint file."""
+    best = Path(path) / "checkpoints" / "best.pt"
+    state = load_checkpoint(best if best.is_file() else find_checkpoint(path))
+    return TrainConfig(**state["config"]), state
+
+
+def resume_config(path: str | Path, overrides: dict) -> tuple[TrainConfig, dict]:
+    """The config of the run to continue (a run folder or a checkpoint file) with the explicitly given flags on top,
+    and its last checkpoint's state."""
+    checkpoint = find_checkpoint(path)
+    state = load_checkpoint(checkpoint)
+    run = run_dir_of(checkpoint)
+    values = dict(state["config"])
+    before, after = TrainConfig(**values), TrainConfig(**{**values, **overrides})
+    for what, was, now in (("--method", before.method, after.method), ("members", before.members(), after.members()),
+                           ("--shared-stem", before.shared_stem, after.shared_stem),
+                           ("--memory-bank", before.memory_bank, after.memory_bank)):   # the checkpoint's shapes
+        if was != now:
+            raise ValueError(f"--resume {path}: the run was trained with {what} {was}, not {now}; drop the flag to "
+                             f"continue it, or start a new run")
+    values.update(overrides)
+    values["resume"] = str(run)
+    values.setdefault("out", str(run))
+    return TrainConfig(**values), state

@@ -1,0 +1,189 @@
+"""Ahead-of-time compilation of `KernelLaunch`es for real GPU targets, on a machine without a GPU.
+
+`triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32), options=...)` runs the
+whole pipeline down to a cubin with the wheel's bundled ptxas; from it we read what decides whether the kernel will
+launch and run well on that GPU:
+- `shared`: `compiled.metadata.shared`, the bytes the launcher checks against the device's per-block opt-in limit;
+- `registers`, `spill_stores`, `spill_loads`, `stack`: ptxas' own report (`-v`, printed under TRITON_DUMP_PTXAS_LOG);
+- `mma`: the tensor-core instructions in the PTX (`mma.sync` on sm_80, `wgmma.mma_async` on sm_90).
+
+Compiling costs seconds per kernel, so results are cached on disk under `<repo>/.cache/aot/` (git-ignored; override
+with FASTMCL_AOT_CACHE), keyed by the kernel's source hash (Triton's `cache_key`, which covers every `triton.jit`
+function it calls), the launch's signature, constexprs, attrs, warps, stages, the target and the Triton version.
+Distinct launches compile in parallel worker processes (`compile_launches`).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from importlib import import_module
+from pathlib import Path
+
+import triton
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE_DIR = Path(os.environ.get("FASTMCL_AOT_CACHE", REPO / ".cache" / "aot"))
+
+# Per-block shared memory a kernel may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+TARGETS = (80, 90)
+ARCH = {80: "sm_80", 86: "sm_86", 89: "sm_89", 90: "sm_90"}
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_MMA = re.compile(r"^\s*(wgmma\.mma_async|mma\.sync)\S*", re.MULTILINE)
+
+
+class DoesNotFit(Exception):
+    """A kernel whose compiled resources exceed what the target GPU gives one block."""
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What ptxas and Triton report for one launch on one target."""
+    name: str
+    cc: int
+    num_warps: int
+    num_stages: int
+    shared: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack: int
+    mma: tuple[str, ...]              # distinct tensor-core instruction kinds in the PTX (empty: FMA only)
+    compile_s: float                  # seconds the compile took when it was not cached
+
+    @property
+    def arch(self) -> str:
+        return ARCH.get(self.cc, f"sm_{self.cc}")
+
+    @property
+    def shared_limit(self) -> int:
+        return SHARED_LIMIT[self.cc]
+
+    @property
+    def tensor_cores(self) -> bool:
+        return bool(self.mma)
+
+    def problems(self) -> list[str]:
+        """Why this kernel would fail to launch (shared memory) or run slowly (spills); empty when it is fine."""
+        out = []
+        if self.shared > self.shared_limit:
+            out.append(f"needs {self.shared:,} B of shared memory per block; {self.arch} allows {self.shared_limit:,} B "
+                       f"(the launch would raise OutOfResources)")
+        if self.spill_stores or self.spill_loads:
+            out.append(f"spills registers: {self.spill_stores} B stores / {self.spill_loads} B loads at "
+                       f"{self.registers} registers per thread")
+        return out
+
+    def describe(self) -> str:
+        return (f"{self.name} on {self.arch} (num_warps={self.num_warps}, num_stages={self.num_stages}): "
+                f"{self.registers} registers, {self.spill_stores} B spilled, {self.shared:,} B shared, "
+                f"tensor cores: {', '.join(self.mma) or 'none'}")
+
+    def check_fits(self) -> None:
+        """Raise `DoesNotFit` naming the kernel, the target and the numbers when the block cannot launch."""
+        if self.shared > self.shared_limit:
+            raise DoesNotFit(f"{self.name} on {self.arch} (num_warps={self.num_warps}, num_stages={self.num_stages}) "
+                             f"{self.problems()[0]}")
+
+
+def _job(launch, cc: int) -> dict:
+    """Plain, picklable description of one compile (the worker re-imports the kernel by module and name)."""
+    fn = launch.fn
+    return {"name": launch.name, "module": fn.__module__, "fn": fn.__name__, "cc": cc,
+            "signature": dict(launch.signature), "constexprs": dict(launch.constexprs),
+            "attrs": {repr(k): v for k, v in launch.attrs.items()}, "num_warps": launch.num_warps,
+            "num_stages": launch.num_stages, "source": fn.cache_key}
+
+
+def _key(job: dict) -> str:
+    text = json.dumps({**job, "name": None, "triton": triton.__version__}, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _compile_job(job: dict) -> dict:
+    """Compile one job in this process with a private Triton cache (so ptxas always runs and prints its report)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(import_module(job["module"]), job["fn"])
+    attrs = {eval(k): v for k, v in job["attrs"].items()}              # keys are repr'd int tuples
+    with tempfile.TemporaryDirectory() as cache:
+        saved = {k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TRITON_DUMP_PTXAS_LOG")}
+        os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
+        log = io.StringIO()
+        start = time.perf_counter()
+        try:
+            with contextlib.redirect_stdout(log):
+                compiled = triton.compile(ASTSource(fn, job["signature"], job["constexprs"], attrs),
+                                          target=GPUTarget("cuda", job["cc"], 32),
+                                          options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        seconds = time.perf_counter() - start
+    text = log.getvalue()
+    regs = _PTXAS_REGS.search(text)
+    spills = _PTXAS_SPILLS.search(text)
+    if regs is None or spills is None:
+        raise RuntimeError(f"no ptxas report for {job['name']} on sm_{job['cc']}:\n{text[-2000:]}")
+    return {"shared": int(compiled.metadata.shared), "registers": int(regs.group(1)),
+            "stack": int(spills.group(1)), "spill_stores": int(spills.group(2)), "spill_loads": int(spills.group(3)),
+            "mma": sorted(set(_MMA.findall(compiled.asm["ptx"]))), "compile_s": round(seconds, 2)}
+
+
+def _result(job: dict, data: dict) -> Compiled:
+    return Compiled(name=job["name"], cc=job["cc"], num_warps=job["num_warps"], num_stages=job["num_stages"],
+                    shared=data["shared"], registers=data["registers"], spill_stores=data["spill_stores"],
+                    spill_loads=data["spill_loads"], stack=data["stack"], mma=tuple(data["mma"]),
+                    compile_s=data["compile_s"])
+
+
+def compile_launches(pairs: list[tuple[object, int]], *, processes: int | None = None,
+                     use_cache: bool = True) -> list[Compiled]:
+    """Compile each (KernelLaunch, cc) pair (identical compiles once) and return one `Compiled` per pair, in order.
+    Uncached compiles run in `processes` worker processes (default: the CPU count, at most the number of compiles)."""
+    jobs = [_job(launch, cc) for launch, cc in pairs]
+    keys = [_key(j) for j in jobs]
+    found: dict[str, dict] = {}
+    if use_cache:
+        for k in set(keys):
+            path = CACHE_DIR / f"{k}.json"
+            if path.exists():
+                found[k] = json.loads(path.read_text())
+    todo = {k: j for k, j in zip(keys, jobs) if k not in found}
+    if todo:
+        workers = max(1, min(processes or os.cpu_count() or 1, len(todo)))
+        if workers == 1:
+            results = map(_compile_job, todo.values())
+        else:
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            results = pool.map(_compile_job, todo.values())
+        for k, data in zip(todo, list(results)):
+            found[k] = data
+            if use_cache:
+                CACHE_DIR.mkdir(parents=True, exist_ok=True)
+                tmp = CACHE_DIR / f".{k}.{os.getpid()}.tmp"
+                tmp.write_text(json.dumps(data))
+                tmp.replace(CACHE_DIR / f"{k}.json")
+        if workers > 1:
+            pool.shutdown()
+    return [_result(j, found[k]) for j, k in zip(jobs, keys)]
+
+
+def as_row(c: Compiled) -> dict:
+    """A flat dict for tables and JSON."""
+    return {**asdict(c), "arch": c.arch, "shared_limit": c.shared_limit, "mma": ",".join(c.mma)}

@@ -1,0 +1,143 @@
+"""`python -m fastmcl.export`: the exported network's logits equal the cohort member's, in both formats; the
+TorchScript file loads with torch alone; bad input ends in one line and exit 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastmcl import export, train
+from fastmcl.build import build_networks, load_run
+from fastmcl.models import build_cohort, extract_member
+
+# one small run per layout: independent members with auxiliary branches (L-MCL), branches over a shared trunk (ONE),
+# and a temporal-mean copy of a shared-trunk cohort (PCL)
+RUNS = {"lmcl": ["--meta-mode", "off"], "one": [], "pcl": []}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = {}
+    for method, extra in RUNS.items():
+        run = tmp_path_factory.mktemp(method) / "run"
+        argv = ["--method", method, "--data", "synthetic", "--num-classes", "8", "--image-size", "32",
+                "--synthetic-samples", "16", "--batch-size", "16", "--max-steps", "1", "--no-progress",
+                "--workers", "0", "--out", str(run), *extra]
+        assert train.main(argv) == 0
+        out[method] = run
+    return out
+
+
+def cohort_logits(run_dir, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Classifier `name` inside the trained cohort, as the method evaluates it (built from the checkpoint here)."""
+    cfg, state = load_run(run_dir)
+    nets = build_networks(cfg, 8, 0)
+    nets.cohort.load_state_dict(state["cohort"])
+    nets.objective.load_state_dict(state["objective"])
+    extra = {}
+    if nets.ema is not None:
+        nets.ema.load_state_dict(state["ema"])
+        extra["ema_outputs"] = nets.ema.eval()(x)
+    with torch.no_grad():
+        return nets.objective.eval().eval_logits(nets.cohort.eval()(x), **extra)[name]
+
+
+def exported_logits(path, x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, dict]:
+    """Load the exported file as the README shows, in plain torch (+ fastmcl.models for the state_dict format)."""
+    if fmt == "torchscript":
+        extra = {"fastmcl.json": ""}
+        net = torch.jit.load(str(path), _extra_files=extra)
+        meta = json.loads(extra["fastmcl.json"])
+    else:
+        from fastmcl.models import Classifier
+        saved = torch.load(path, weights_only=True)
+        meta = saved["meta"]
+        net = Classifier(meta["arch"], meta["num_classes"])
+        net.load_state_dict(saved["state_dict"])
+    with torch.no_grad():
+        return net.eval()(x), meta
+
+
+@pytest.mark.parametrize("fmt", export.FORMATS)
+@pytest.mark.parametrize("method,member,other", [("lmcl", "net0", "net1"), ("one", "net1", "net0"),
+                                                 ("pcl", "deployed", "net0")])
+def test_exported_logits_equal_the_members(runs, tmp_path, method, member, other, fmt):
+    out = tmp_path / "net.pt"
+    assert export.main([str(runs[method]), "--member", member, "--format", fmt, "--out", str(out)]) == 0
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    got, meta = exported_logits(out, x, fmt)
+    name = "ema0" if member == "deployed" else member      # PCL deploys its first temporal mean
+    expected = cohort_logits(runs[method], name, x)
+    assert got.shape == (4, 8)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(got, cohort_logits(runs[method], other, x), atol=1e-4)   # it is that member
+    _, state = load_run(runs[method])
+    recorded = state.get("data") or {}
+    assert meta["arch"] == "resnet32" and meta["num_classes"] == 8 and meta["image_size"] == 32
+    assert meta["member"] == name and meta["deployed"] == (name == {"pcl": "ema0"}.get(method, "net0"))
+    assert meta["method"] == method
+    for key in ("class_names", "mean", "std"):
+        assert meta[key] == recorded.get(key)
+
+
+def test_torchscript_loads_with_torch_alone(runs, tmp_path):
+    out = tmp_path / "net.ts"
+    assert export.main([str(runs["one"]), "--format", "torchscript", "--out", str(out)]) == 0
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import json, sys, torch\n"
+        "sys.modules['fastmcl'] = None  # any import of fastmcl now fails\n"
+        "extra = {'fastmcl.json': ''}\n"
+        f"net = torch.jit.load({str(out)!r}, _extra_files=extra)\n"
+        f"torch.save(net(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})\n"
+        "print(json.loads(extra['fastmcl.json'])['member'])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "net0"
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), cohort_logits(runs["one"], "net0", x), rtol=0,
+                               atol=1e-6)
+
+
+def test_default_output_goes_into_the_run_folder(runs):
+    assert export.main([str(runs["one"] / "checkpoints" / "last.pt"), "--member", "net2"]) == 0
+    net, meta = export.load_exported(runs["one"] / "export" / "net2.pt")
+    assert meta["member"] == "net2" and not meta["deployed"]
+    assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 8)
+
+
+@pytest.mark.parametrize("layout", [dict(aux=True), dict(shared_stem=True, trunk_stages=None),
+                                    dict(shared_stem=True, trunk_stages=1)])
+@pytest.mark.parametrize("arch", ["resnet32", "wrn_16_2"])
+def test_extract_member_every_layout(layout, arch):
+    """MCL x n's branched layout (trunk = stem + layer1) and WRN's post-activation too, beyond the three runs."""
+    torch.manual_seed(0)
+    cohort = build_cohort([arch] * 2, 5, **layout)
+    for m in cohort.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):      # running statistics that differ from the identity
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        inside = cohort.eval()(x)
+        for i in range(2):
+            torch.testing.assert_close(extract_member(cohort, i)(x), inside[i].logits[-1], rtol=0, atol=1e-6)
+
+
+def one_line_error(capsys, argv) -> str:
+    assert export.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastmcl: error: ") and "\n" not in err
+    return err
+
+
+def test_errors(runs, tmp_path, capsys):
+    assert "no such run folder or checkpoint" in one_line_error(capsys, [str(tmp_path / "missing")])
+    err = one_line_error(capsys, [str(runs["pcl"]), "--member", "net7"])
+    assert all(name in err for name in ("ema0", "net0", "net1", "net2", "ema2"))
+    assert "ens" in one_line_error(capsys, [str(runs["one"]), "--member", "ens"])
+    torch.save({"model": torch.zeros(2)}, tmp_path / "other.pt")
+    assert "not a fastmcl checkpoint" in one_line_error(capsys, [str(tmp_path / "other.pt")])
+    (tmp_path / "empty").mkdir()
+    assert "no checkpoints" in one_line_error(capsys, [str(tmp_path / "empty")])

@@ -1,0 +1,169 @@
+"""GPU readiness on a machine without a GPU: every Triton kernel, launched as its op really launches it, compiled
+ahead of time for sm_80 (A100) and sm_90 (H100/H200) with the bundled ptxas (`tests/support/aot.py`).
+
+For each scenario (plan, batch, dtype) and target, every kernel of one forward + backward call must compile, fit the
+target's per-block shared memory, spill no registers and use tensor cores at the default precision. Results are cached
+under `.cache/aot/` by kernel source hash and launch configuration (cold: a few minutes on 2 cores; warm: seconds).
+The full sweep over more plans, batches and dtypes: `benchmarks/aot_sweep.py`.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from fastmcl.kernels import inbatch_contrastive
+from fastmcl.kernels.launch import KernelLaunch
+from fastmcl.losses import lmcl_plan, mcl_plan
+from fastmcl.losses.cohort_terms import _plan_indices
+from support.aot import TARGETS, DoesNotFit, compile_launches
+
+pytestmark = pytest.mark.slow
+
+META = torch.device("meta")
+CPU = torch.device("cpu")
+D = 128
+BANK_K = 8194                 # own + 1 positive + 8,192 negatives per anchor (ImageNet memory-bank setting)
+BANK_N = 1_281_167            # ImageNet-1k training images: bank rows
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SM_COUNT = {80: 108, 90: 132}  # A100, H100 / H200
+
+# (name, plan factory, batch rows per launch)
+INBATCH_SCENARIOS = [
+    ("cifar-lmcl-B128", lambda: lmcl_plan([4, 4]), 128),
+    ("cifar-lmcl-B256", lambda: lmcl_plan([4, 4]), 256),
+    ("cifar-mcl4-B128", lambda: mcl_plan(4), 128),
+    ("cifar-mcl4-B256", lambda: mcl_plan(4), 256),
+]
+BANK_SCENARIOS = [
+    ("imagenet-lmcl-B32", lambda: lmcl_plan([4, 4]), 32),       # B = 256 global over 8 GPUs
+    ("imagenet-lmcl-B256", lambda: lmcl_plan([4, 4]), 256),
+    ("lmcl-4x4-B256", lambda: lmcl_plan([4, 4, 4, 4]), 256),
+    ("mcl8-B256", lambda: mcl_plan(8), 256),
+]
+INBATCH_IDX = ("ce_u", "ce_v", "kl_su", "kl_sv", "kl_tu", "kl_tv")
+
+
+def inbatch_launches(plan, B: int, dtype: torch.dtype, cc: int = 90) -> list[KernelLaunch]:
+    ix = _plan_indices(plan, CPU)
+    E = torch.empty((plan.num_embeddings, B, D), dtype=dtype, device=META)
+    labels = torch.empty(B, dtype=torch.int64, device=META)
+    return inbatch_contrastive.launches(E, labels, *(ix[k] for k in INBATCH_IDX), 0.1, 3.0)
+
+
+def bank_module():
+    return importlib.import_module("fastmcl.kernels.bank_contrastive")
+
+
+def bank_launches(plan, B: int, dtype: torch.dtype, cc: int) -> list[KernelLaunch]:
+    """The bank op's launches for the arguments `cohort_bank_contrastive_terms` passes it, on a GPU of capability
+    `cc` with that GPU's SM count (the bank op splits K by it)."""
+    return bank_module().launches((plan.num_embeddings, B, D), max(plan.net_of) + 1, BANK_N, BANK_K,
+                                  len(plan.ce_blocks), len(plan.kl_blocks), dtype=dtype, pos_k=1, tau=0.07, kd_T=3.0,
+                                  device_capability=divmod(cc, 10), sm_count=SM_COUNT[cc])
+
+
+def bank_missing_reason() -> str | None:
+    if not hasattr(bank_module(), "launches"):
+        return ("fastmcl.kernels.bank_contrastive has no `launches(...)` yet (the agreed entry point: the bank op's "
+                "KernelLaunch list for bank_rows' arguments)")
+    return None
+
+
+def cases() -> list[tuple[str, str, str, int]]:
+    """(kind, scenario, dtype name, cc) for every parametrisation."""
+    out = []
+    for kind, scenarios in (("inbatch", INBATCH_SCENARIOS), ("bank", BANK_SCENARIOS)):
+        for name, _, _ in scenarios:
+            for dtype_name in DTYPES:
+                for cc in TARGETS:
+                    out.append((kind, name, dtype_name, cc))
+    return out
+
+
+def launches_for(kind: str, name: str, dtype_name: str, cc: int) -> list[KernelLaunch]:
+    scenarios = INBATCH_SCENARIOS if kind == "inbatch" else BANK_SCENARIOS
+    _, plan, B = next(s for s in scenarios if s[0] == name)
+    build = inbatch_launches if kind == "inbatch" else bank_launches
+    return build(plan(), B, DTYPES[dtype_name], cc)
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    """Every scenario's launches compiled for every target at once (distinct compiles in parallel, cached)."""
+    skip_bank = bank_missing_reason()
+    keys, pairs = [], []
+    for kind, name, dtype_name, cc in cases():
+        if kind == "bank" and skip_bank:
+            continue
+        for launch in launches_for(kind, name, dtype_name, cc):
+            keys.append((kind, name, dtype_name, cc))
+            pairs.append((launch, cc))
+    out: dict = {}
+    for key, result in zip(keys, compile_launches(pairs)):
+        out.setdefault(key, []).append(result)
+    return out
+
+
+@pytest.mark.parametrize("kind,name,dtype_name,cc", cases())
+def test_kernels_fit_the_gpu(compiled, kind, name, dtype_name, cc):
+    if kind == "bank" and (reason := bank_missing_reason()):
+        pytest.skip(reason)
+    results = compiled[(kind, name, dtype_name, cc)]
+    assert results, f"{kind} op launches no kernel for {name}"
+    for r in results:
+        assert r.shared <= r.shared_limit, r.describe()
+        assert r.spill_stores == 0 and r.spill_loads == 0, r.describe()
+        assert r.tensor_cores, f"no tensor-core instruction at the default precision: {r.describe()}"
+
+
+def jit_specialisation(launch: KernelLaunch) -> tuple[dict, dict, dict]:
+    """(signature, constexprs by name, non-empty attrs) exactly as Triton's JIT launcher derives them for a CUDA
+    target from the same arguments (its binder and argument packing)."""
+    fn = launch.fn
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    declared = {p.name for p in fn.params if p.is_constexpr}
+    kwargs = {k: v for k, v in launch.constexprs.items() if k in declared}
+    options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, opts = binder(*launch.args, **kwargs, **options)
+    _, signature, constexprs, attrs = fn._pack_args(backend, {**kwargs, **options}, bound, specialization, opts)
+    constexprs = {fn.arg_names[path[0]]: value for path, value in constexprs.items()}
+    return signature, constexprs, {k: v for k, v in attrs.items() if v}
+
+
+@pytest.mark.parametrize("kind", ["inbatch", "bank"])
+def test_launch_specialisation_matches_tritons_launcher(kind):
+    """What the harness compiles is what Triton's JIT would compile for the same launch: the same argument types,
+    the same ints specialised to constexpr (== 1) and the same divisibility-by-16 attributes."""
+    if kind == "bank" and (reason := bank_missing_reason()):
+        pytest.skip(reason)
+    name = INBATCH_SCENARIOS[0][0] if kind == "inbatch" else BANK_SCENARIOS[0][0]
+    launches = launches_for(kind, name, "fp32", 90)
+    assert launches
+    for launch in launches:
+        signature, constexprs, attrs = jit_specialisation(launch)
+        assert launch.signature == signature, launch.name
+        assert launch.constexprs == constexprs, launch.name
+        assert launch.attrs == attrs, launch.name
+
+
+def test_an_oversized_configuration_is_caught():
+    """A tile configuration that cannot fit on either target: the harness reports it over the limit and
+    `check_fits` refuses it with one error naming the kernel, the target and both byte counts."""
+    launch = inbatch_launches(lmcl_plan([1, 1]), 256, torch.float32)[0]
+    big = KernelLaunch.of(launch.name, launch.fn, launch.grid, launch.args,
+                          {**launch.constexprs, "BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_DK": 128, "PREC": "ieee"},
+                          num_warps=8, num_stages=4)
+    for result in compile_launches([(big, cc) for cc in TARGETS]):
+        assert result.shared > result.shared_limit
+        assert "shared memory" in result.problems()[0]
+        with pytest.raises(DoesNotFit, match=rf"{launch.name} on {result.arch} .* needs [\d,]+ B of shared memory "
+                                             rf"per block; {result.arch} allows {result.shared_limit:,} B"):
+            result.check_fits()
+    for result in compile_launches([(launch, cc) for cc in TARGETS]):
+        result.check_fits()                                          # the op's own configuration passes

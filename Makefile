@@ -12,7 +12,7 @@ TRITON_SPEC ?= triton==3.8.0
 DALI_SPEC   ?= nvidia-dali-cuda130==2.4.0
 PYTEST      := $(BIN)/python -m pytest
 
-.PHONY: install train test test-fast test-interpreter bench clean
+.PHONY: install train test test-fast test-interpreter bench gpu-check clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ test: $(STAMP)
 BENCH ?= benchmarks
 bench: $(STAMP)
 	$(PYTEST) $(BENCH) --benchmark-json=benchmarks/results.json -s
+
+# On a machine with one NVIDIA GPU (within 8 minutes): GPU tests, kernels natively vs reference, kernel and throughput
+# benchmarks; one report in benchmarks/results/gpu_check.md. Without a GPU it says why and exits 0.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -10,7 +10,7 @@ Loaders, at EQUAL threads (THREADS = 2, the cores of our dev/CI machines):
   pil_fresh_workers  the same with workers started every epoch, as `TrainData` builds its DataLoader today.
   dali_cpu        `DaliIndexLoader` (what `TrainData` uses with --dali) on the CPU backend, THREADS DALI threads:
                   ROI decoding of the keyed crop box (`fn.decoders.image_slice`), resize to 224, flip + normalise
-                  (`fn.crop_mirror_normalize`). The Python side (reading the files, crop boxes from the JPEG header
+                  (`fn.crop_mirror_normalize`). The Python side (reading the files, crop boxes from the image header
                   and the keyed generator) runs in this process's main thread.
   dali_cpu_full   the same with `roi_decode=False`: the whole image decoded, crop + resize in one `fn.resize(roi_*)`.
   dali_reader_cpu `DaliReaderLoader(train=True)`: DALI's file reader + `fn.random_resized_crop` (DALI's RNG). Built
@@ -29,7 +29,7 @@ getrusage, and for GPU loaders torch's peak CUDA allocation (DALI allocates outs
 handed-over batches).
 
 Run: `.venv/bin/python -m pytest benchmarks -k dali --benchmark-only -s` (or `make bench`). Prints a table and
-writes benchmarks/results/dali.json. Target (issue 6): dali_cpu's speed-up over the PIL DataLoader >= 1.5.
+writes benchmarks/results/dali.json. Target: dali_cpu's speed-up over the PIL DataLoader >= TARGET.
 """
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastmcl.build import build_trainer
 from fastmcl.config import TrainConfig
-from fastmcl.trainer import Trainer
 
 BATCH = int(os.environ.get("FASTMCL_BENCH_BATCH", "128"))
 REPEATS = int(os.environ.get("FASTMCL_BENCH_REPEATS", "5"))
@@ -36,7 +36,7 @@ def test_meta_phase_cost_in_regular_steps(tmp_path, mode, path, speed):
                       batch_size=BATCH, arch=["resnet32", "resnet32"], method="lmcl", meta_mode=mode,
                       amp="bf16" if fast else "off", channels_last=fast, out=str(tmp_path), progress=False,
                       workers=0)
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     if path == "exact":                 # the plain unrolled form: every second derivative by double backward
         trainer.meta.fd_step = None
     x, y, index = next(iter(trainer.data.train_batches(0)))

@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from .distributed import init_distributed
 from .export import TrainedRun, load_trained
 from .methods import Objective
 from .pipeline import TrainData, detect_source
@@ -60,16 +61,6 @@ def evaluate_classifiers(cohort: nn.Module, objective: Objective, ema: nn.Module
             for i, n in enumerate(names)}
 
 
-def pick_device(name: str) -> torch.device:
-    """`auto` → CUDA when available, else the CPU; a CUDA device on a machine without one is a ValueError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 class _Counted:
     """Iterates `batches`, counting the images it yields."""
 
@@ -89,7 +80,7 @@ def evaluate_run(run: TrainedRun, *, data: str | None = None, batch_size: int | 
     cfg = run.cfg
     cfg = dataclasses.replace(cfg, data=cfg.data if data is None else data, device=device or cfg.device,
                               batch_size=batch_size or cfg.batch_size, amp=amp or cfg.amp)
-    torch_device = pick_device(cfg.device)
+    _, torch_device = init_distributed(cfg.device)
     val = TrainData(cfg, detect_source(cfg), torch_device, m_per_class=0)
     trained_classes = run.data["num_classes"]
     if val.num_classes != trained_classes:
@@ -126,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastmcl.evaluate",
                                 description="Top-1/top-5 of every classifier of a trained run on the validation set, "
                                             "the deployed one marked.")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder (its checkpoints/best.pt, else last.pt) "
-                                                            "or a checkpoint file")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", nargs="?", default="runs/latest",
+                   help="a run folder (its checkpoints/best.pt, else last.pt) or a checkpoint file (default: "
+                        "runs/latest, the newest run)")
     p.add_argument("--data", default=None, help="evaluate on this dataset's validation set instead of the run's "
                                                 "(same forms as train's --data)")
     p.add_argument("--batch-size", type=int, default=None, help="validation batch size (default: the run's)")

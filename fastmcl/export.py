@@ -3,16 +3,19 @@
 The network is one cohort member (`netN`), one member of PCL's temporal-mean copy (`emaN`), or the method's deployed
 one (default). Whatever the cohort's layout, it is saved as a `fastmcl.models.Classifier` — one plain backbone whose
 `forward` returns logits — with the metadata a user needs beside it: architecture, number of classes, class names,
-input size, normalisation statistics. Two formats:
+input size, normalisation statistics. Three formats:
 - `state_dict`: `{"state_dict": ..., "meta": {...}}`, readable with `torch.load(weights_only=True)`; rebuilding needs
   torch and `fastmcl.models.Classifier`;
 - `torchscript`: the traced eval-mode network, metadata in the archive's extra file `fastmcl.json`; loading needs
-  only torch (`torch.jit.load`).
+  only torch (`torch.jit.load`);
+- `exported`: the same as a `torch.export` program (`.pt2`, `torch.export.load`), for torch releases that retire
+  TorchScript.
 Bad input → one line on stderr, exit 2.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -30,10 +33,12 @@ from .config import TrainConfig
 from .methods import Objective
 from .models import Classifier, Cohort, extract_member
 from .models.ema import EmaCohort
+from .pipeline import SMALL_IMAGE_MAX
 
-FORMATS = ("state_dict", "torchscript")
-#: name of the metadata file inside a TorchScript archive (`torch.jit.load(..., _extra_files=...)`)
+FORMATS = ("state_dict", "torchscript", "exported")
+#: name of the metadata file inside a TorchScript or `torch.export` archive (their loaders' `extra_files`)
 META_FILE = "fastmcl.json"
+_SUFFIX = {"state_dict": ".pt", "torchscript": ".torchscript.pt", "exported": ".pt2"}
 _MEMBER = re.compile(r"(net|ema)(\d+)")
 
 
@@ -50,28 +55,34 @@ class TrainedRun:
 
     @property
     def data(self) -> dict:
-        """`num_classes`, `class_names`, `image_size`, `mean`, `std` of the training data (None where the
-        checkpoint does not record them)."""
+        """`num_classes`, `class_names`, `image_size`, `val_resize`, `mean`, `std` of the training data (None where
+        the checkpoint does not record them). `val_resize`: the shorter side before the centre crop of ImageNet-style
+        validation images; None for small images, which are resized to `image_size` whole."""
         recorded = self.state.get("data") or {}
-        return {"num_classes": int(self.cohort.nets[0].fc.out_features),
-                "class_names": recorded.get("class_names"),
-                "image_size": int(recorded.get("image_size") or self.cfg.image_size),
-                "mean": recorded.get("mean"), "std": recorded.get("std")}
+        image_size = int(recorded.get("image_size") or self.cfg.image_size)
+        resize = recorded.get("val_resize", self.cfg.val_resize if image_size > SMALL_IMAGE_MAX else None)
+        return {"num_classes": int(self.cohort.nets[0].fc.out_features), "class_names": recorded.get("class_names"),
+                "image_size": image_size, "val_resize": resize, "mean": recorded.get("mean"),
+                "std": recorded.get("std")}
 
     def exportable(self) -> list[str]:
         """Names of the single networks of this run, members first, then the temporal-mean copy's."""
         names = [f"net{i}" for i in range(self.cohort.members)]
         return names + ([f"ema{i}" for i in range(self.cohort.members)] if self.ema is not None else [])
 
-    def member(self, name: str) -> Classifier:
-        """`deployed`, `netN` or `emaN` as a standalone `Classifier`; ValueError naming the exportable ones."""
+    def resolve(self, name: str) -> str:
+        """`deployed` → the method's deployed network's name; ValueError naming the exportable ones for a name that
+        is not one of them."""
         resolved = self.objective.deployed if name == "deployed" else name
-        match = _MEMBER.fullmatch(resolved)
-        if resolved not in self.exportable() or match is None:
+        if resolved not in self.exportable():
             raise ValueError(f"--member {name}: not a single network of this {self.cfg.method} run; choose one of "
                              f"deployed ({self.objective.deployed}), {', '.join(self.exportable())}")
-        cohort = self.cohort if match[1] == "net" else self.ema.module
-        return extract_member(cohort, int(match[2]))
+        return resolved
+
+    def member(self, name: str) -> Classifier:
+        """`deployed`, `netN` or `emaN` as a standalone `Classifier`."""
+        kind, index = _MEMBER.fullmatch(self.resolve(name)).groups()
+        return extract_member(self.cohort if kind == "net" else self.ema.module, int(index))
 
 
 def find_run_checkpoint(path: str | Path) -> Path:
@@ -88,8 +99,9 @@ def find_run_checkpoint(path: str | Path) -> Path:
 
 
 def _bank_size(objective_state: dict) -> int:
-    """The dataset size a memory-bank objective was built for (its banks' rows), 0 without a bank."""
-    rows = [v.shape[0] for k, v in objective_state.items() if k.split(".")[-1] == "memory" and v.dim() == 2]
+    """The dataset size a memory-bank objective was built for (rows of its `memory` buffer `[nets, N, D]`), 0
+    without a bank."""
+    rows = [v.shape[-2] for k, v in objective_state.items() if k.split(".")[-1] == "memory" and v.dim() >= 2]
     return int(rows[0]) if rows else 0
 
 
@@ -99,8 +111,9 @@ def load_trained(path: str | Path) -> TrainedRun:
     CheckpointError (one line) for a missing path or a file that is not a fastmcl checkpoint.
     """
     checkpoint = find_run_checkpoint(path)
-    if is_torchscript(checkpoint):
-        raise CheckpointError(f"{checkpoint} is a TorchScript archive (an exported network), not a fastmcl checkpoint")
+    if archive_kind(checkpoint) is not None:
+        raise CheckpointError(f"{checkpoint} is an exported network ({archive_kind(checkpoint)}), not a fastmcl "
+                              f"checkpoint")
     try:
         cfg, state = load_run(checkpoint)
     except (KeyError, TypeError) as e:      # no config, or a config of fields this fastmcl does not have
@@ -127,7 +140,7 @@ def load_trained(path: str | Path) -> TrainedRun:
 
 def export_metadata(run: TrainedRun, name: str) -> dict:
     """What a user needs beside the weights: architecture, classes, input size, normalisation, provenance."""
-    resolved = run.objective.deployed if name == "deployed" else name
+    resolved = run.resolve(name)
     arch = run.cohort.archs[int(_MEMBER.fullmatch(resolved)[2])]
     return {"arch": arch, **run.data, "member": resolved, "deployed": resolved == run.objective.deployed,
             "method": run.cfg.method, "step": int(run.state.get("step", 0)), "checkpoint": str(run.checkpoint)}
@@ -136,7 +149,7 @@ def export_metadata(run: TrainedRun, name: str) -> dict:
 def check_member(run: TrainedRun, name: str, network: nn.Module, *, atol: float = 1e-5) -> None:
     """The standalone network's logits equal the classifier `name` of the method's own evaluation, on a random
     batch (guards the weight mapping against a cohort layout it does not know)."""
-    resolved = run.objective.deployed if name == "deployed" else name
+    resolved = run.resolve(name)
     size = run.data["image_size"]
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -148,32 +161,49 @@ def check_member(run: TrainedRun, name: str, network: nn.Module, *, atol: float 
 
 
 def save_exported(network: Classifier, meta: dict, out: str | Path, fmt: str) -> Path:
-    """Write `network` with `meta` in `fmt` (`state_dict` or `torchscript`) to `out`, atomically."""
+    """Write `network` with `meta` in `fmt` (one of `FORMATS`) to `out`, atomically."""
+    network = network.eval()
+    size = meta["image_size"]
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
+    if fmt == "state_dict":
+        torch.save({"state_dict": network.state_dict(), "meta": meta}, buffer)
+    elif fmt == "torchscript":
+        with torch.no_grad():     # checked against the eager network once here, not by the trace's own check
+            traced = torch.jit.trace(network, example, check_trace=False)
+            _check_same(traced(example), network(example), fmt)
+        torch.jit.save(traced, buffer, _extra_files={META_FILE: json.dumps(meta)})
+    elif fmt == "exported":
+        program = torch.export.export(network, (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+        with torch.no_grad():
+            _check_same(program.module()(example), network(example), fmt)
+        torch.export.save(program, buffer, extra_files={META_FILE: json.dumps(meta)})
+    else:
+        raise ValueError(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    network = network.eval()
-    if fmt == "state_dict":
-        torch.save({"state_dict": network.state_dict(), "meta": meta}, tmp)
-    elif fmt == "torchscript":
-        size = meta["image_size"]
-        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():     # the trace is checked against the eager network once, not by trace's own check
-            traced = torch.jit.trace(network, example, check_trace=False)
-            if not torch.equal(traced(example), network(example)):
-                raise RuntimeError("the traced network's logits differ from the eager network's")
-        torch.jit.save(traced, str(tmp), _extra_files={META_FILE: json.dumps(meta)})
-    else:
-        raise ValueError(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    tmp.write_bytes(buffer.getvalue())
     os.replace(tmp, out)
     return out
 
 
+def _check_same(got: torch.Tensor, expected: torch.Tensor, fmt: str) -> None:
+    if not torch.allclose(got, expected, rtol=1e-5, atol=1e-5):
+        raise RuntimeError(f"the {fmt} network's logits differ from the eager network's by "
+                           f"{(got - expected).abs().max():.3g}")
+
+
 def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
-    """Either format back as `(network in eval mode, metadata)` (the README shows the same in plain torch)."""
+    """Any format back as `(network, metadata)`, the network in eval mode (the README shows the same in plain
+    torch)."""
     path = Path(path)
-    if is_torchscript(path):
-        extra = {META_FILE: ""}
+    kind = archive_kind(path)
+    extra = {META_FILE: ""}
+    if kind == "exported":        # the program holds the eval-mode graph; its module has no train mode to leave
+        network = torch.export.load(path, extra_files=extra).module()
+        return network, json.loads(extra[META_FILE])
+    if kind == "torchscript":
         network = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         return network.eval(), json.loads(extra[META_FILE])
     saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -183,18 +213,19 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
     return network.eval(), meta
 
 
-def is_torchscript(path: Path) -> bool:
-    """Whether `path` is a TorchScript archive (a zip with `constants.pkl`, torch's own test)."""
-    if not zipfile.is_zipfile(path):
-        return False
+def archive_kind(path: Path) -> str | None:
+    """`torchscript` or `exported` for those archives (by the files torch writes into them), else None."""
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return None
     with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
+        leaves = {name.split("/", 1)[-1] for name in archive.namelist()}
+    return "torchscript" if "constants.pkl" in leaves else "exported" if "archive_format" in leaves else None
 
 
 def default_out(checkpoint: Path, member: str, fmt: str) -> Path:
-    """`RUN/export/<member>.pt` (state_dict) or `RUN/export/<member>.torchscript.pt` beside the run's checkpoints."""
+    """`RUN/export/<member>.pt` (state_dict), `.torchscript.pt` or `.pt2` (exported), beside the run's checkpoints."""
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    return run_dir / "export" / (f"{member}.pt" if fmt == "state_dict" else f"{member}.torchscript.pt")
+    return run_dir / "export" / f"{member}{_SUFFIX[fmt]}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,15 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Save one trained network of a run as a standalone classifier that "
                                             "returns logits, with its architecture, classes, input size and "
                                             "normalisation.")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder (its checkpoints/best.pt, else last.pt) "
-                                                            "or a checkpoint file")
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", nargs="?", default="runs/latest",
+                   help="a run folder (its checkpoints/best.pt, else last.pt) or a checkpoint file (default: "
+                        "runs/latest, the newest run)")
     p.add_argument("--member", default="deployed", help="deployed (the method's deployed network) | netN (cohort "
                                                         "member N) | emaN (PCL: member N's temporal mean)")
     p.add_argument("--format", default="state_dict", choices=FORMATS,
                    help="state_dict: weights + metadata for torch.load(weights_only=True) and "
-                        "fastmcl.models.Classifier; torchscript: needs only torch to load (torch.jit.load)")
-    p.add_argument("--out", default=None, help="output file (default: RUN/export/<member>.pt or "
-                                               "<member>.torchscript.pt)")
+                        "fastmcl.models.Classifier; torchscript: loads with torch alone (torch.jit.load); exported: "
+                        "a torch.export program, loads with torch alone (torch.export.load)")
+    p.add_argument("--out", default=None, help="output file (default: RUN/export/<member>.pt, .torchscript.pt or "
+                                               ".pt2)")
     return p
 
 

@@ -34,6 +34,7 @@ class DataSource:
 
 
 def detect_source(cfg: TrainConfig) -> DataSource:
+    """What `--data` names: nothing (the digits demo), `synthetic`, CIFAR-100 pickles or an ImageFolder tree."""
     if not cfg.data:
         cache = Path(cfg.cache_dir or os.environ.get("FASTMCL_CACHE", "~/.cache/fastmcl")).expanduser()
         return DataSource("digits", ensure_digits_imagefolder(cache), True, True)

@@ -20,15 +20,18 @@ from torch import Tensor
 
 from .launch import KernelLaunch
 
-__all__ = ["bank_rows", "launches", "DEFAULT_PRECISION", "ASSUMED_SM_COUNT"]
+__all__ = ["bank_rows", "launches", "ASSUMED_SM_COUNT", "DEFAULT_PRECISION", "MAX_COMBOS"]
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
 DEFAULT_PRECISION = "tf32x3"          # fp32 dots on sm_80+; bf16/fp16 operands go to `tl.dot` natively
 ASSUMED_SM_COUNT = 132                 # the split-K heuristic's SM count where no GPU is asked (interpreter, AOT)
-_ACC_ELEMS = 8192                      # fp32 elements of one program's weighted-sum accumulator
-_TILE_ELEMS = 4096                     # elements of one gathered tile (all banks × BLOCK_K rows × D_P)
+_ACC_ELEMS = 16384                     # fp32 elements of one program's weighted-sum accumulators
+_TILE_ELEMS = 4096                     # elements of one gathered tile
+_WEIGHT_ELEMS = 1024                   # softmax weights [BLOCK_K, 2 C]: the operand every warp holds whole
 _MIN_BLOCK_K, _MAX_BLOCK_K = 8, 64
+MAX_COMBOS = _WEIGHT_ELEMS // (2 * _MIN_BLOCK_K)    # padded embeddings × padded banks (e.g. 16 × 4 or 8 × 8)
+_SPLIT_TRAFFIC = 10                    # a split's gathered bytes ≥ this × its partial sums' bytes
 _D_CHUNK = 32                          # D columns per step of the logit dot
 _J_BLOCK = 16                          # CE / KL blocks per step of the merge and backward kernels
 _ROW_BLOCK = 16                        # accumulator rows per step of the merge kernel
@@ -43,15 +46,16 @@ def _pow2(x: int, floor: int = 1) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels. Logits are base 2: y = log2(e)/τ · e·r, so every softmax is an exp2; the KL softmax uses y/T.
-# Combo c = m · NE_P + u pairs embedding u with bank m. Accumulator rows: r < C the τ-softmax sum of combo r over its
-# own bank's rows; r = C + m'·C + c the (τ·T)-softmax of combo c applied to bank m''s rows. Both over columns k ≥ 1.
+# Combo c = m · NE_P + u pairs embedding u with bank m. Accumulator rows: r < C the τ-softmax sum of combo r over
+# its own bank's rows; r = C + m'·C + c the (τ·T)-softmax of combo c applied to bank m''s rows; both over k ≥ 1.
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _bank_pass_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr,
                       B, K, D, N_ROWS, NE, N_BANKS, K_PER_SPLIT, scale, inv_T,
                       NE_P: tl.constexpr, N_P: tl.constexpr, D_P: tl.constexpr, BLOCK_K: tl.constexpr,
-                      NT: tl.constexpr, D_CHUNK: tl.constexpr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
+                      NT: tl.constexpr, A1_COLS: tl.constexpr, D_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+                      NATIVE_DOT: tl.constexpr):
     """Program (b, split, group): columns [split·K_PER_SPLIT, …) of anchor row b, weighted sums onto the target banks
     [group·NT, group·NT + NT), over columns k ≥ 1. Writes unnormalised partial sums and online statistics."""
     C: tl.constexpr = N_P * NE_P
@@ -59,88 +63,88 @@ def _bank_pass_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr,
     b = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     grp = tl.program_id(2)
-    offs_d = tl.arange(0, D_P)
     offs_u = tl.arange(0, NE_P)
     offs_dc = tl.arange(0, D_CHUNK)
     offs_k = tl.arange(0, BLOCK_K)
     k_begin = split * K_PER_SPLIT
     k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
-    jj = tl.arange(0, N_P * BLOCK_K)                  # logit row j = bank (j // BLOCK_K), column (j % BLOCK_K)
+    jj = tl.arange(0, N_P * BLOCK_K)                  # logit column j = bank (j // BLOCK_K), column (j % BLOCK_K)
     bank_off = (jj // BLOCK_K).to(tl.int64) * N_ROWS * D
     bank_ok = (jj // BLOCK_K) < N_BANKS
-    banks = tl.arange(0, N_P)
-    tgt = grp * NT + tl.arange(0, NT)                 # this program's target banks
-    tgt_off = tgt.to(tl.int64) * N_ROWS * D
-    tgt_ok = tgt < N_BANKS
+    ii = tl.arange(0, NT * D_P)                       # sum row i = target bank grp·NT + i // D_P, dimension i % D_P
+    tgt_i = grp * NT + ii // D_P
+    d_i = ii % D_P
+    tgt_off = tgt_i.to(tl.int64) * N_ROWS * D + d_i
+    tgt_ok = (tgt_i < N_BANKS) & (d_i < D)
 
-    m1 = tl.full([C], float("-inf"), tl.float32)
-    l1 = tl.zeros([C], tl.float32)
-    mT = tl.full([C], float("-inf"), tl.float32)
-    lT = tl.zeros([C], tl.float32)
-    acc1 = tl.zeros([NT, NE_P, D_P], tl.float32)
-    accT = tl.zeros([NT, C, D_P], tl.float32)
+    m1 = tl.full([NE_P, N_P], float("-inf"), tl.float32)          # online statistics per combo (embedding, bank)
+    l1 = tl.zeros([NE_P, N_P], tl.float32)
+    mT = tl.full([NE_P, N_P], float("-inf"), tl.float32)
+    lT = tl.zeros([NE_P, N_P], tl.float32)
+    acc1 = tl.zeros([NT * D_P, A1_COLS], tl.float32)  # transposed sums: target bank × D is the M dimension
+    accT = tl.zeros([NT * D_P, C], tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         kcol = k0 + offs_k
         col_ok = kcol < k_end
         kk = k0 + jj % BLOCK_K
+        # the target banks' rows of the tile, whole and transposed [NT·D_P, BK]: one load with every row in flight
+        cols = tl.load(IDX_ptr + b * K + kcol, mask=col_ok, other=0).to(tl.int64)
+        Rt = tl.load(BANK_ptr + tgt_off[:, None] + cols[None, :] * D, mask=tgt_ok[:, None] & col_ok[None, :],
+                     other=0.0).to(tl.float32)
         rows = tl.load(IDX_ptr + b * K + kk, mask=kk < k_end, other=0).to(tl.int64)
         row_ok = (kk < k_end) & bank_ok
-        # logits [N_P·BK, NE_P] of every bank's rows (gathered rows are the M dimension), contracted over D in
-        # chunks: a dot operand holds its whole K extent in registers (twice at tf32x3)
-        s = tl.zeros([N_P * BLOCK_K, NE_P], tl.float32)
-        for d0 in tl.static_range(0, D_P, D_CHUNK):
+        # logits [NE_P, N_P·BK] of every bank's rows (for the target banks an L1 re-read of the load above),
+        # contracted over D in chunks: a dot operand holds its whole K extent in registers (twice at tf32x3)
+        s = tl.zeros([NE_P, N_P * BLOCK_K], tl.float32)
+        for d0 in range(0, D_P, D_CHUNK):
             dd = d0 + offs_dc
-            Rc = tl.load(BANK_ptr + (bank_off + rows * D)[:, None] + dd[None, :],
-                         mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
-            ec = tl.load(E_ptr + offs_u[None, :].to(tl.int64) * B * D + b * D + dd[:, None],
-                         mask=(dd[:, None] < D) & (offs_u[None, :] < NE), other=0.0)
+            Rc = tl.load(BANK_ptr + (bank_off + rows * D)[None, :] + dd[:, None],
+                         mask=row_ok[None, :] & (dd[:, None] < D), other=0.0)               # [D_CHUNK, N_P·BK]
+            ec = tl.load(E_ptr + offs_u[:, None].to(tl.int64) * B * D + b * D + dd[None, :],
+                         mask=(offs_u[:, None] < NE) & (dd[None, :] < D), other=0.0)         # [NE_P, D_CHUNK]
             if NATIVE_DOT:
-                s = tl.dot(Rc, ec, s)
+                s = tl.dot(ec, Rc, s)
             else:
-                s = tl.dot(Rc.to(tl.float32), ec.to(tl.float32), s, input_precision=PRECISION)
-        Y = tl.reshape(tl.permute(tl.reshape(s * scale, (N_P, BLOCK_K, NE_P)), (0, 2, 1)), (C, BLOCK_K))
-        valid = (kcol >= 1) & col_ok
-        Ym = tl.where(valid[None, :], Y, float("-inf"))
-        m_new = tl.maximum(m1, tl.max(Ym, axis=1))
+                s = tl.dot(ec.to(tl.float32), Rc.to(tl.float32), s, input_precision=PRECISION)
+        valid = ((kcol >= 1) & col_ok)[None, None, :]
+        Y = tl.where(valid, tl.reshape(s * scale, (NE_P, N_P, BLOCK_K)), float("-inf"))    # [embedding, bank, k]
+        m_new = tl.maximum(m1, tl.max(Y, axis=2))
         a1 = tl.exp2(m1 - m_new)
-        P1 = tl.exp2(Ym - m_new[:, None])
-        l1 = l1 * a1 + tl.sum(P1, axis=1)
+        P1 = tl.exp2(Y - m_new[:, :, None])
+        l1 = l1 * a1 + tl.sum(P1, axis=2)
         m1 = m_new
-        YT = Ym * inv_T
-        m_new = tl.maximum(mT, tl.max(YT, axis=1))
+        YT = Y * inv_T
+        m_new = tl.maximum(mT, tl.max(YT, axis=2))
         aT = tl.exp2(mT - m_new)
-        PT = tl.exp2(YT - m_new[:, None])
-        lT = lT * aT + tl.sum(PT, axis=1)
+        PT = tl.exp2(YT - m_new[:, :, None])
+        lT = lT * aT + tl.sum(PT, axis=2)
         mT = m_new
-        # the target banks' rows of this tile [NT, BK, D_P] (an L1 re-read), then batched dots, one batch per bank:
-        # acc1[t] += P1[combos of bank t] @ rows of bank t; accT[t] += PT[every combo] @ rows of bank t
-        cols = tl.load(IDX_ptr + b * K + kcol, mask=col_ok, other=0).to(tl.int64)
-        Rt = tl.load(BANK_ptr + tgt_off[:, None, None] + cols[None, :, None] * D + offs_d[None, None, :],
-                     mask=tgt_ok[:, None, None] & col_ok[None, :, None] & (offs_d[None, None, :] < D),
-                     other=0.0).to(tl.float32)
-        P1b = tl.reshape(P1, (N_P, NE_P, BLOCK_K))
-        a1b = tl.reshape(a1, (N_P, NE_P))
-        if NT < N_P:
-            pick = banks[None, :, None] == tgt[:, None, None]                              # [NT, N_P, 1]
-            P1b = tl.sum(tl.where(pick[:, :, :, None], P1b[None, :, :, :], 0.0), axis=1)
-            a1b = tl.sum(tl.where(pick, a1b[None, :, :], 0.0), axis=1)
-        acc1 = tl.dot(P1b, Rt, acc1 * a1b[:, :, None], input_precision=PRECISION)
-        accT = tl.dot(tl.broadcast_to(PT[None, :, :], (NT, C, BLOCK_K)), Rt, accT * aT[None, :, None],
-                      input_precision=PRECISION)
+        # weighted sums: the target banks' rows [NT·D_P, BK] times the softmax weights of every combo [BK, C] (combo
+        # c = bank · NE_P + embedding), two dots sharing their A operand
+        if NT == 1:             # one target bank: the τ sums of its own combos only
+            own = (tl.arange(0, N_P) == grp)[None, :]
+            acc1 = tl.dot(Rt, tl.trans(tl.sum(tl.where(own[:, :, None], P1, 0.0), axis=1)),
+                          acc1 * tl.sum(tl.where(own, a1, 0.0), axis=1)[None, :], input_precision=PRECISION)
+        else:                   # the τ sums of every combo, of which each target bank keeps its own
+            acc1 = tl.dot(Rt, tl.reshape(tl.permute(P1, (2, 1, 0)), (BLOCK_K, C)),
+                          acc1 * tl.reshape(tl.trans(a1), (C,))[None, :], input_precision=PRECISION)
+        accT = tl.dot(Rt, tl.reshape(tl.permute(PT, (2, 1, 0)), (BLOCK_K, C)),
+                      accT * tl.reshape(tl.trans(aT), (C,))[None, :], input_precision=PRECISION)
 
     base = split.to(tl.int64) * B + b
+    cc = tl.arange(0, C)
     if grp == 0:
-        cc = tl.arange(0, C)
         st = PSTAT_ptr + base * (4 * C) + cc
-        tl.store(st, m1)
-        tl.store(st + C, l1)
-        tl.store(st + 2 * C, mT)
-        tl.store(st + 3 * C, lT)
-    acc = PACC_ptr + base * (ROWS * D_P) + offs_d[None, None, :]
-    r1 = tgt[:, None] * NE_P + offs_u[None, :]                                             # [NT, NE_P]
-    tl.store(acc + r1[:, :, None] * D_P, acc1)
-    rT = C + tgt[:, None] * C + tl.arange(0, C)[None, :]                                    # [NT, C]
-    tl.store(acc + rT[:, :, None] * D_P, accT)
+        tl.store(st, tl.reshape(tl.trans(m1), (C,)))
+        tl.store(st + C, tl.reshape(tl.trans(l1), (C,)))
+        tl.store(st + 2 * C, tl.reshape(tl.trans(mT), (C,)))
+        tl.store(st + 3 * C, tl.reshape(tl.trans(lT), (C,)))
+    acc = PACC_ptr + base * (ROWS * D_P) + d_i[:, None]
+    if NT == 1:
+        tl.store(acc + (grp * NE_P + offs_u)[None, :] * D_P, acc1)
+    else:
+        tl.store(acc + cc[None, :] * D_P, acc1, mask=(cc // NE_P)[None, :] == tgt_i[:, None])
+    tl.store(acc + (C + tgt_i[:, None] * C + cc[None, :]) * D_P, accT)
 
 
 @triton.jit
@@ -385,17 +389,18 @@ def _config(NE: int, n: int, B: int, K: int, D: int, e_dtype: torch.dtype, bank_
             split_k: int = 0) -> _Config:
     NE_P, N_P, D_P = _pow2(NE), _pow2(n), _pow2(D, floor=16)
     C = NE_P * N_P
-    if (NE_P + C) * D_P > _ACC_ELEMS:
-        raise ValueError(f"bank_rows kernel: {NE} embeddings × {n} banks pad to {NE_P} × {N_P} = {C} combos; at "
-                         f"D = {D} one program would hold more than {_ACC_ELEMS} accumulator elements (at most "
-                         f"{_ACC_ELEMS // D_P - NE_P} combos at this D); use the reference backend")
-    # target banks per program: as many as keep the accumulators [NT, NE_P + C, D_P] within budget
+    max_combos = min(_ACC_ELEMS // (2 * D_P), MAX_COMBOS)
+    if C > max_combos:
+        raise ValueError(f"bank_rows kernel: {NE} embeddings × {n} banks pad to {NE_P} × {N_P} = {C} combos, above "
+                         f"the {max_combos} one program holds at D = {D} (registers of its accumulators and softmax "
+                         f"weights); use the reference backend")
+    # target banks per program: as many as keep the accumulators 2 × [NT·D_P, C] within budget
     NT = N_P
-    while NT > 1 and NT * (NE_P + C) * D_P > _ACC_ELEMS:
+    while NT > 1 and 2 * NT * D_P * C > _ACC_ELEMS:
         NT //= 2
     bk = _MAX_BLOCK_K
     while bk > _MIN_BLOCK_K and (N_P * bk * min(D_P, _D_CHUNK) > _TILE_ELEMS or NT * bk * D_P > _TILE_ELEMS
-                                 or NT * C * bk > _TILE_ELEMS):
+                                 or 2 * C * bk > _WEIGHT_ELEMS):
         bk //= 2
     if block_k:
         if block_k < _MIN_BLOCK_K or block_k & (block_k - 1):
@@ -404,9 +409,11 @@ def _config(NE: int, n: int, B: int, K: int, D: int, e_dtype: torch.dtype, bank_
     groups = triton.cdiv(n, NT)
     if split_k:
         splits = split_k
-    else:                   # flash-decoding split: fill two programs per SM, each split at least 4 tiles long
+    else:                   # flash-decoding split: fill two programs per SM with splits at least 4 tiles long whose
+        # partial sums (written and read back: 2 · rows · D_P fp32) stay under a tenth of the bank rows they gather
+        min_k = max(4 * bk, _SPLIT_TRAFFIC * 2 * (C + N_P * C) * 4 // (n * bank_dtype.itemsize))
         splits = 1
-        while B * groups * splits < 2 * sm_count and K >= 2 * splits * 4 * bk:
+        while B * groups * splits < 2 * sm_count and K >= 2 * splits * min_k:
             splits *= 2
     k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
     splits = triton.cdiv(K, k_per_split)            # no empty split
@@ -417,7 +424,7 @@ def _config(NE: int, n: int, B: int, K: int, D: int, e_dtype: torch.dtype, bank_
     native = e_dtype == bank_dtype and e_dtype != torch.float32 and not _interpreting()
     return _Config(NE_P=NE_P, N_P=N_P, D_P=D_P, BLOCK_K=bk, NT=NT, groups=groups, splits=splits,
                    k_per_split=k_per_split, precision=precision, native_dot=native,
-                   num_warps=4 if NT * bk * D_P <= 1024 else 8, num_stages=1)
+                   num_warps=8, num_stages=1)
 
 
 def _forward_launches(cfg: _Config, E, banks, idx, vecs, pos_k, tau, kd_T, work, outs) -> list[KernelLaunch]:
@@ -429,7 +436,8 @@ def _forward_launches(cfg: _Config, E, banks, idx, vecs, pos_k, tau, kd_T, work,
     pass_ = KernelLaunch.of(
         "bank.pass", _bank_pass_kernel, (B, cfg.splits, cfg.groups),
         (E, banks, idx, pstat, pacc, B, K, D, N_ROWS, NE, n, cfg.k_per_split, _LOG2E / tau, 1.0 / kd_T),
-        dict(NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P, BLOCK_K=cfg.BLOCK_K, NT=cfg.NT, D_CHUNK=min(cfg.D_P, _D_CHUNK),
+        dict(NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P, BLOCK_K=cfg.BLOCK_K, NT=cfg.NT,
+             A1_COLS=cfg.NE_P if cfg.NT == 1 else cfg.C, D_CHUNK=min(cfg.D_P, _D_CHUNK),
              PRECISION=cfg.precision,
              NATIVE_DOT=cfg.native_dot), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     merge = KernelLaunch.of(
@@ -449,7 +457,7 @@ def _backward_launch(cfg: _Config, E, vecs, pos_k, tau, kd_T, saved, g_ce, g_kl,
         (acc, rows, stats, g_ce, g_kl, dE, *vecs, B, D, NE, g_ce.shape[0], g_kl.shape[0], pos_k, 1.0 / tau,
          1.0 / kd_T),
         dict(NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P, J_BLOCK=_J_BLOCK, PRECISION=cfg.precision),
-        num_warps=4, num_stages=1)
+        num_warps=8, num_stages=1)
 
 
 def _buffers(cfg: _Config, B: int, n_ce: int, n_kl: int, device) -> tuple[tuple, tuple]:
@@ -499,12 +507,12 @@ def _device_facts(device: torch.device) -> tuple[tuple[int, int], int]:
     return (9, 0), ASSUMED_SM_COUNT
 
 
-def _device_config(E: Tensor, banks: Tensor, idx: Tensor, input_precision: str, block_k: int,
+def _device_config(E: Tensor, n_banks: int, bank_dtype: torch.dtype, K: int, input_precision: str, block_k: int,
                    split_k: int) -> _Config:
     NE, B, D = E.shape
     capability, sms = _device_facts(E.device)
-    return _config(NE, banks.shape[0], B, idx.shape[1], D, E.dtype, banks.dtype, input_precision or None,
-                   capability, sms, block_k, split_k)
+    return _config(NE, n_banks, B, K, D, E.dtype, bank_dtype, input_precision or None, capability, sms, block_k,
+                   split_k)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -552,7 +560,7 @@ def _bank_rows_op(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_m: Ten
                   kd_T: float, pos_k: int, input_precision: str, block_k: int,
                   split_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k)
-    cfg = _device_config(E, banks, idx, input_precision, block_k, split_k)
+    cfg = _device_config(E, banks.shape[0], banks.dtype, idx.shape[1], input_precision, block_k, split_k)
     work, outs = _buffers(cfg, E.shape[1], ce_u.shape[0], kl_su.shape[0], E.device)
     if E.shape[1] == 0:
         return outs
@@ -578,10 +586,11 @@ def _(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, t
 
 @torch.library.custom_op("fastmcl::bank_rows_backward", mutates_args=())
 def _bank_rows_backward_op(g_ce: Tensor, g_kl: Tensor, stats: Tensor, acc: Tensor, rows: Tensor, E: Tensor,
-                           banks: Tensor, idx: Tensor, ce_u: Tensor, ce_m: Tensor, ce_view: Tensor, kl_su: Tensor,
-                           kl_sm: Tensor, kl_tu: Tensor, kl_tm: Tensor, kl_view: Tensor, tau: float, kd_T: float,
-                           pos_k: int, input_precision: str, block_k: int, split_k: int) -> Tensor:
-    cfg = _device_config(E, banks, idx, input_precision, block_k, split_k)
+                           ce_u: Tensor, ce_m: Tensor, ce_view: Tensor, kl_su: Tensor, kl_sm: Tensor, kl_tu: Tensor,
+                           kl_tm: Tensor, kl_view: Tensor, tau: float, kd_T: float, pos_k: int,
+                           input_precision: str) -> Tensor:
+    # the backward kernel's sizes depend on E and the padded bank count only (`rows` is [B, 2, N_P, D_P])
+    cfg = _device_config(E, rows.shape[2], E.dtype, 1, input_precision, 0, 1)
     # fp32 result, rounded to E's dtype by torch (round-to-nearest; the interpreter's in-kernel cast truncates)
     dE = torch.empty(E.shape, dtype=torch.float32, device=E.device)
     if E.shape[1] == 0:
@@ -593,21 +602,21 @@ def _bank_rows_backward_op(g_ce: Tensor, g_kl: Tensor, stats: Tensor, acc: Tenso
 
 
 @_bank_rows_backward_op.register_fake
-def _(g_ce, g_kl, stats, acc, rows, E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau,
-      kd_T, pos_k, input_precision, block_k, split_k):
+def _(g_ce, g_kl, stats, acc, rows, E, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k,
+      input_precision):
     return torch.empty_like(E, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
     (E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k,
      input_precision, block_k, split_k) = inputs
-    # E, banks and idx are kept only for their shapes / dtypes / device (no bank row is read again)
-    ctx.save_for_backward(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, *output[2:])
-    ctx.scalars = (tau, kd_T, pos_k, input_precision, block_k, split_k)
+    # backward reads the saved sums, never the bank or idx (they may change in place after forward)
+    ctx.save_for_backward(E, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, *output[2:])
+    ctx.scalars = (tau, kd_T, pos_k, input_precision)
 
 
 def _backward(ctx, g_ce, g_kl, *_unused):
-    E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, stats, acc, rows = ctx.saved_tensors
+    E, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, stats, acc, rows = ctx.saved_tensors
     dE = None
     if ctx.needs_input_grad[0]:
         B = E.shape[1]
@@ -615,8 +624,8 @@ def _backward(ctx, g_ce, g_kl, *_unused):
             g_ce = E.new_zeros(ce_u.shape[0], B, dtype=torch.float32)
         if g_kl is None:
             g_kl = E.new_zeros(kl_su.shape[0], B, dtype=torch.float32)
-        dE = _bank_rows_backward_op(g_ce, g_kl, stats, acc, rows, E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm,
-                                    kl_tu, kl_tm, kl_view, *ctx.scalars)
+        dE = _bank_rows_backward_op(g_ce, g_kl, stats, acc, rows, E, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu,
+                                    kl_tm, kl_view, *ctx.scalars)
     return (dE,) + (None,) * 16
 
 

@@ -1,37 +1,45 @@
-"""Fused in-batch contrastive rows (spec/lmcl.md §1.2, §4.1): every distinct logit block of a step in one launch.
+"""Fused in-batch contrastive rows (spec/lmcl.md §1.2, §4.1): every distinct logit block of a step in two launches.
 
 Contract: `fastmcl.losses.cohort_terms.inbatch_rows_reference` (same arguments, values and gradients).
 
-    inbatch_rows(E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv, tau, kd_T, *, input_precision="ieee")
+    inbatch_rows(E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv, tau, kd_T, *, input_precision="tf32x3")
         -> (ce [Nc, B] fp32, kl [Nk, B] fp32)
 
-E [NE, B, D] (fp32, bf16 or fp16; loaded and cast to fp32 at once, fp32 accumulation); block (u, v) is
-S = e_u e_vᵀ / τ. `ce[n]` is the supervised-contrastive row of block (ce_u[n], ce_v[n]): positives P = same label off
-the diagonal, denominator every column but the diagonal (Q1); a row with no positive gives 0 (and no gradient).
-`kl[n]` is the KL row at temperature T of student block (kl_su[n], kl_sv[n]) against the detached teacher block
-(kl_tu[n], kl_tv[n]), all B columns, centred form Σ p_t (t − s) − (lse_t − lse_s), with lse_t − lse_s formed as
-(m_t − m_s) + log(z_t / z_s) from the running maxima and sums (≈3× closer to fp64 than the fp32 reference at B = 128).
-fp64 is refused (TypeError naming the dtype): use the reference backend for fp64.
+E [NE, B, D] (fp32, bf16 or fp16; fp32 accumulation); labels [B] integer class ids (below 2^31: the kernels compare
+them as int32); block (u, v) is S = e_u e_vᵀ / τ. `ce[n]` is the supervised-contrastive row of block
+(ce_u[n], ce_v[n]): positives P = same label off the diagonal, denominator every column but the diagonal (Q1); a row
+with no positive gives 0 (and no gradient). `kl[n]` is the KL row at temperature T of student block
+(kl_su[n], kl_sv[n]) against the detached teacher block (kl_tu[n], kl_tv[n]), all B columns, centred form
+Σ p_t (t − s) − (lse_t − lse_s), with lse_t − lse_s formed as (m_t − m_s) + log(z_t / z_s) from the running
+maxima and sums (≈3× closer to fp64 than the fp32 reference at B = 128). fp64 is refused (TypeError naming the
+dtype): use the reference backend for fp64.
 
-Kernels (written for a GPU's rules; on CPU they run only under TRITON_INTERPRET=1):
-- forward, ONE launch for all Nc + Nk blocks: grid (cdiv(B, BLOCK_M), Nc + Nk). A program owns BLOCK_M anchor rows of
-  one block and sweeps the B columns in tiles of BLOCK_N (one tile for B ≤ 128, so the online log-sum-exp below runs a
-  single step there; for larger B it makes the sweep exact with no [B, B] buffer). CE programs build one logit tile
-  (a D-loop of `tl.dot`), KL programs two (student and teacher). Saved for backward: the input E and indices plus
-  per-row statistics only, stats [2, Nc + Nk, B] fp32 = (lse_M, n_pos) for CE rows and (lse_s, lse_t) for KL rows.
-- backward, ONE launch: grid (cdiv(B, BLOCK_O), Nc + Nk, 2 · ND). Axis 2 picks the side (0: the anchor embedding
-  e_u of the block, 1: the contrast embedding e_v) and a D-chunk of the output. A program recomputes the logit tiles
-  of its owned rows (side 0) or owned columns (side 1, via e_v e_uᵀ = Sᵀ, no transpose) against the other side,
-  forms dS from the saved statistics and accumulates dS·E_other / τ for its D-chunk. Each program writes its own
-  slice of partial [2, Nc + Nk, B, D] fp32 (no atomics, deterministic); one one-hot GEMM then sums the partials into
-  dE [NE, B, D] by embedding index. Teacher blocks never receive gradient (only student indices appear there).
+Kernels (written for a GPU's rules; on CPU they run only under TRITON_INTERPRET=1). CE and KL bodies are separate
+kernels, so each is compiled with only its own live tiles (docs/kernels/inbatch.md has the register, spill and
+shared-memory numbers per target):
+- forward: grid (cdiv(B, BLOCK_M), Nc) for the CE blocks and (cdiv(B, BLOCK_M), Nk) for the KL blocks. A program owns
+  BLOCK_M anchor rows of one block and sweeps the B columns in tiles of BLOCK_N with an online log-sum-exp (exact,
+  no [B, B] buffer). CE programs build one logit tile (a D-loop of `tl.dot`), KL programs two (student and teacher).
+  Saved for backward: the input E and indices plus per-row statistics only, stats [2, Nc + Nk, B] fp32 =
+  (lse_M, n_pos) for CE rows and (lse_s, lse_t) for KL rows.
+- backward: grid (cdiv(B, BLOCK_O), Nc or Nk, 2 · ND) per kind. Axis 2 picks the side (0: the anchor embedding e_u of
+  the block, 1: the contrast embedding e_v) and a D-chunk of the output. A program recomputes the logit tiles of its
+  owned rows (side 0) or owned columns (side 1, via e_v e_uᵀ = Sᵀ, no transpose) against the other side, reads the
+  saved per-row statistics with 1-D loads, forms dS and accumulates dS·E_other / τ for its D-chunk. Each program
+  writes its own slice of partial [2, Nc + Nk, B, D] fp32 (no atomics, deterministic); one one-hot GEMM then sums the
+  partials into dE [NE, B, D] by embedding index. Teacher blocks never receive gradient.
 - GPU rules honoured: power-of-two blocks, every tl.dot dimension ≥ 16 (small B and D are padded by masks),
-  masks on every ragged edge, int64 row offsets, explicit `input_precision`.
+  masks on every ragged edge, int64 embedding offsets (one per program; rows and columns within an embedding are
+  int32, B·D < 2^31), explicit `input_precision`.
 
-`input_precision` is passed to every `tl.dot`: "ieee" (default, full fp32 products) or "tf32" / "tf32x3" (TF32 tensor
-cores on Ampere and later: "tf32" rounds the GEMM inputs to a 10-bit mantissa, about 1e-3 relative error in the
-logits; "tf32x3" recovers near-fp32 accuracy at ~3× the tensor-core work). Forward and backward dots
-alike. The interpreter computes all three in fp32.
+`input_precision` applies to every `tl.dot` with fp32 operands: "tf32x3" (default: tensor cores, near-fp32 accuracy
+at ~3× the tensor-core work of "tf32"), "tf32" (10-bit mantissa inputs, about 1e-3 relative error in the logits) or
+"ieee" (fp32 FMAs, no tensor cores; kept for tests). With bf16/fp16 E the logit dots take the half operands natively
+on a GPU (their products are exact in the fp32 accumulator, whatever the precision); the dS·E dots of the backward
+stay fp32 at `input_precision`. The interpreter computes every precision in fp32.
+
+`launches(...)` publishes every kernel launch of one forward + backward call as `KernelLaunch` data, built by the
+same functions the launchers use: the GPU-readiness test compiles exactly these for sm_80 / sm_90.
 
 Wrapped as `torch.library.custom_op("fastmcl::inbatch_rows")` with `register_fake` and `register_autograd`; the
 backward is the custom op "fastmcl::inbatch_rows_backward", so `torch.compile` traces both as opaque calls.
@@ -77,9 +85,9 @@ def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
 def _logit_tile(Ea, ra, ma, Eb, rb, mb, D,
                 BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DK: tl.constexpr, PREC: tl.constexpr,
                 NATIVE_DOT: tl.constexpr):
-    """Ea[ra] · Eb[rb]ᵀ as a [BLOCK_A, BLOCK_B] fp32 tile (not yet divided by τ). Ea, Eb: one embedding's [B, D] base
-    pointer (int64 offset applied once); ra, rb: int32 rows. NATIVE_DOT: bf16/fp16 operands straight into `tl.dot`
-    (their products are exact in the fp32 accumulator), else fp32 operands at precision PREC."""
+    """Ea[ra] · Eb[rb]ᵀ as a [BLOCK_A, BLOCK_B] fp32 tile (not yet divided by τ). Ea, Eb: one embedding's [B, D]
+    base pointer (int64 offset applied once); ra, rb: int32 rows. NATIVE_DOT: bf16/fp16 operands straight into
+    `tl.dot` (their products are exact in the fp32 accumulator), else fp32 operands at precision PREC."""
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_DK):
         dk = d0 + tl.arange(0, BLOCK_DK)
@@ -114,7 +122,7 @@ def _ce_fwd_kernel(E, labels, ce_u, ce_v, ce_out, stats, Nb, B, D, inv_tau,
     Ev = _embedding(E, tl.load(ce_v + blk), B, D)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mm = rm < B
-    lab_m = tl.load(labels + rm, mask=mm, other=0)
+    lab_m = tl.load(labels + rm, mask=mm, other=0).to(tl.int32)   # 2-D compares in int32
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     z_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -122,7 +130,7 @@ def _ce_fwd_kernel(E, labels, ce_u, ce_v, ce_out, stats, Nb, B, D, inv_tau,
     for n0 in range(0, B, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         mn = rn < B
-        lab_n = tl.load(labels + rn, mask=mn, other=-1)
+        lab_n = tl.load(labels + rn, mask=mn, other=-1).to(tl.int32)
         s = _logit_tile(Eu, rm, mm, Ev, rn, mn, D, BLOCK_M, BLOCK_N, BLOCK_DK, PREC, NATIVE_DOT) * inv_tau
         denom = mn[None, :] & (rm[:, None] != rn[None, :])               # M = 1 − I, ragged columns out
         pos = denom & (lab_m[:, None] == lab_n[None, :])                 # P = same label − I
@@ -217,12 +225,12 @@ def _ce_bwd_kernel(E, labels, ce_u, ce_v, g_ce, stats, partial, Nb, B, D, ND, in
     Eb = _embedding(E, tl.where(side == 0, v, u), B, D)                 # the other side
     ro = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     mo = ro < B
-    lab_o = tl.load(labels + ro, mask=mo, other=0)
+    lab_o = tl.load(labels + ro, mask=mo, other=0).to(tl.int32)
     acc = tl.zeros((BLOCK_O, BLOCK_DO), dtype=tl.float32)
     for x0 in range(0, B, BLOCK_X):
         rx = x0 + tl.arange(0, BLOCK_X)
         mx = rx < B
-        lab_x = tl.load(labels + rx, mask=mx, other=-1)
+        lab_x = tl.load(labels + rx, mask=mx, other=-1).to(tl.int32)
         s = _logit_tile(Ea, ro, mo, Eb, rx, mx, D, BLOCK_O, BLOCK_X, BLOCK_DK, PREC, NATIVE_DOT) * inv_tau
         g = _anchor_stat(g_ce + blk * B, side, ro, mo, rx, mx)
         lse = _anchor_stat(stats + blk * B, side, ro, mo, rx, mx)
@@ -351,7 +359,7 @@ def launches(E: Tensor, labels: Tensor, ce_u: Tensor, ce_v: Tensor, kl_su: Tenso
 
 
 def _prep(E, labels, idx):
-    return E.contiguous(), labels.to(torch.int32).contiguous(), [i.to(torch.int64).contiguous() for i in idx]
+    return E.contiguous(), labels.to(torch.int64).contiguous(), [i.to(torch.int64).contiguous() for i in idx]
 
 
 def _forward_impl(E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv, tau, kd_T, input_precision):
@@ -457,6 +465,9 @@ def _check(E, labels, idx, tau, kd_T, input_precision) -> None:
     NE, B, D = E.shape
     if NE < 1 or B < 1 or D < 1:
         raise ValueError(f"E must have NE >= 1, B >= 1 and D >= 1, got shape {tuple(E.shape)}")
+    if B * D >= 2**31:
+        raise ValueError(f"inbatch_rows (Triton) indexes one embedding with int32: B * D must be < 2**31, got "
+                         f"B={B}, D={D}")
     if E.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(f"inbatch_rows (Triton) needs CUDA tensors, or TRITON_INTERPRET=1 for {E.device.type} "
                            f"tensors (the interpreter); got E on {E.device}")

@@ -295,12 +295,8 @@ def test_train_reader_shards_partition_each_epoch(tree):
                          ids=["224-from-256", "24-from-28", "odd-33-from-37", "crop-larger-than-resize"])
 def test_val_preprocessing_matches_pil(tree, size, resize):
     """Resize (shorter side) + centre crop + normalise, DALI vs imagenet_val_transform, on every val image (odd sizes,
-    gray, CMYK, PNG; up- and downscaled). DALI reproduces PIL's output size (long side truncated) and torchvision's crop
-    offsets (half to even) exactly, and both decode JPEGs with libjpeg-turbo; what differs is the resize filter
-    arithmetic (DALI's antialiased linear filter in float vs PIL's fixed-point bilinear/triangle filter). Measured: at
-    most 1 uint8 level apart for up- and 2-4x downscaling, up to 3 levels on < 1 % of the pixels at 5x downscaling.
-    Tolerance (in uint8 levels, 1 level = 1 / (255 * 0.225) = 0.0175 normalised): max <= 3, mean <= 0.25, and at
-    most 1 % of the values more than 1 level apart."""
+    gray, CMYK, PNG; up- and downscaled): the same output size and crop offsets, pixels apart only by the resize
+    filters (docs/data.md "DALI"). Tolerance in uint8 levels: max <= 3, mean <= 0.25, at most 1 % more than 1 apart."""
     ds = ImageFolderDataset(tree / "val", imagenet_val_transform(size, resize))
     loader = DaliReaderLoader(tree / "val", batch_size=4, size=size, resize=resize, num_threads=2)
     count = 0
@@ -526,7 +522,7 @@ def test_traindata_checks_dali_options_before_the_source(field, value, match):
 
 def test_trainer_dali_cpu_end_to_end_with_exact_resume(small_tree, tmp_path):
     """`--dali --dali-device cpu` on a small ImageFolder (CIFAR-style route, in-batch MCL with m per class):
-    4 steps straight == 2 steps + resume mid-epoch + 2 steps (the DALI feed restarts at `_epoch_indices(0, 2)`)."""
+    4 steps straight == 2 steps + resume mid-epoch + 2 steps (the DALI feed restarts after 2 global batches)."""
     from run_checks import assert_resume_is_exact
     base = ["--data", str(small_tree), "--dali", "--dali-device", "cpu", "--dali-threads", "2", "--batch-size", "8",
             "--m-per-class", "2", "--image-size", "16", "--method", "mcl", "--no-memory-bank", "--epochs", "2",

@@ -1,6 +1,8 @@
 """`python -m fastmcl.export`: the exported network's logits equal the cohort member's, in both formats; the
 TorchScript file loads with torch alone; bad input ends in one line and exit 2."""
+import functools
 import json
+import os
 import subprocess
 import sys
 
@@ -11,43 +13,69 @@ from fastmcl import export, train
 from fastmcl.build import build_networks, load_run
 from fastmcl.models import build_cohort, extract_member
 
-# one small run per layout: independent members with auxiliary branches (L-MCL), branches over a shared trunk (ONE),
-# and a temporal-mean copy of a shared-trunk cohort (PCL)
-RUNS = {"lmcl": ["--meta-mode", "off"], "one": [], "pcl": []}
+# one small run per layout: independent members with auxiliary branches (L-MCL, with memory banks sized by the
+# dataset), branches over a shared trunk (ONE) and a temporal-mean copy of a shared-trunk cohort (PCL); two steps,
+# so that PCL's temporal mean is no longer a copy of its peer
+RUNS = {"lmcl": ["--meta-mode", "off", "--memory-bank", "--neg-k", "4"], "one": [], "pcl": []}
+SAMPLES = 16
+
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine a second one spin-waits and makes each forward 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, one_thread):
     out = {}
     for method, extra in RUNS.items():
         run = tmp_path_factory.mktemp(method) / "run"
         argv = ["--method", method, "--data", "synthetic", "--num-classes", "8", "--image-size", "32",
-                "--synthetic-samples", "16", "--batch-size", "16", "--max-steps", "1", "--no-progress",
+                "--synthetic-samples", str(SAMPLES), "--batch-size", "8", "--epochs", "1", "--no-progress",
                 "--workers", "0", "--out", str(run), *extra]
         assert train.main(argv) == 0
         out[method] = run
     return out
 
 
-def cohort_logits(run_dir, name: str, x: torch.Tensor) -> torch.Tensor:
-    """Classifier `name` inside the trained cohort, as the method evaluates it (built from the checkpoint here)."""
+@functools.cache
+def trained(run_dir):
+    """The trained cohort, objective and EMA copy of a run, built here from its checkpoint (not through export)."""
     cfg, state = load_run(run_dir)
-    nets = build_networks(cfg, 8, 0)
+    nets = build_networks(cfg, 8, SAMPLES)
     nets.cohort.load_state_dict(state["cohort"])
     nets.objective.load_state_dict(state["objective"])
-    extra = {}
     if nets.ema is not None:
         nets.ema.load_state_dict(state["ema"])
-        extra["ema_outputs"] = nets.ema.eval()(x)
+        nets.ema.eval()
+    nets.cohort.eval()
+    nets.objective.eval()
+    return nets
+
+
+def cohort_logits(run_dir, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Classifier `name` inside the trained cohort, as the method evaluates it."""
+    nets = trained(run_dir)
     with torch.no_grad():
-        return nets.objective.eval().eval_logits(nets.cohort.eval()(x), **extra)[name]
+        extra = {"ema_outputs": nets.ema(x)} if nets.ema is not None else {}
+        return nets.objective.eval_logits(nets.cohort(x), **extra)[name]
 
 
 def exported_logits(path, x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, dict]:
     """Load the exported file as the README shows, in plain torch (+ fastmcl.models for the state_dict format)."""
     if fmt == "torchscript":
         extra = {"fastmcl.json": ""}
-        net = torch.jit.load(str(path), _extra_files=extra)
+        net = torch.jit.load(str(path), _extra_files=extra).eval()
+        meta = json.loads(extra["fastmcl.json"])
+    elif fmt == "exported":
+        extra = {"fastmcl.json": ""}
+        net = torch.export.load(path, extra_files=extra).module()    # the eval-mode graph
         meta = json.loads(extra["fastmcl.json"])
     else:
         from fastmcl.models import Classifier
@@ -55,8 +83,9 @@ def exported_logits(path, x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, dict
         meta = saved["meta"]
         net = Classifier(meta["arch"], meta["num_classes"])
         net.load_state_dict(saved["state_dict"])
+        net.eval()
     with torch.no_grad():
-        return net.eval()(x), meta
+        return net(x), meta
 
 
 @pytest.mark.parametrize("fmt", export.FORMATS)
@@ -81,23 +110,30 @@ def test_exported_logits_equal_the_members(runs, tmp_path, method, member, other
         assert meta[key] == recorded.get(key)
 
 
-def test_torchscript_loads_with_torch_alone(runs, tmp_path):
-    out = tmp_path / "net.ts"
-    assert export.main([str(runs["one"]), "--format", "torchscript", "--out", str(out)]) == 0
+LOAD_WITH_TORCH_ALONE = {"torchscript": "torch.jit.load({path!r}, _extra_files=extra)",
+                         "exported": "torch.export.load({path!r}, extra_files=extra).module()"}
+
+
+@pytest.mark.parametrize("fmt", LOAD_WITH_TORCH_ALONE)
+def test_loads_with_torch_alone(runs, tmp_path, fmt):
+    out = tmp_path / "net.bin"
+    assert export.main([str(runs["one"]), "--format", fmt, "--out", str(out)]) == 0
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     torch.save(x, tmp_path / "x.pt")
     script = (
         "import json, sys, torch\n"
         "sys.modules['fastmcl'] = None  # any import of fastmcl now fails\n"
         "extra = {'fastmcl.json': ''}\n"
-        f"net = torch.jit.load({str(out)!r}, _extra_files=extra)\n"
+        f"net = {LOAD_WITH_TORCH_ALONE[fmt].format(path=str(out))}\n"
         f"torch.save(net(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})\n"
         "print(json.loads(extra['fastmcl.json'])['member'])\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", script], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "net0"
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), cohort_logits(runs["one"], "net0", x), rtol=0,
                                atol=1e-6)
+    assert export.load_exported(out)[1]["member"] == "net0"
 
 
 def test_default_output_goes_into_the_run_folder(runs):

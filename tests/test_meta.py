@@ -1,16 +1,15 @@
 """L-MCL meta phase: hypergradient vs central differences (fp64), rollback exactness, first-order limit."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fastmcl.build import build_trainer
 from fastmcl.config import TrainConfig
 from fastmcl.meta import FD_STEP, MetaPhase, ieee_fp32
 from fastmcl.methods import ContrastWeights
 from fastmcl.methods.lmcl import LMCL
 from fastmcl.models import BackboneOutput
 from fastmcl.train import main
-from fastmcl.trainer import Trainer
 from support.meta_checks import outer_loss
 
 
@@ -219,6 +218,6 @@ def test_meta_derivatives_flag_picks_the_path(tmp_path, capsys):
         cfg = TrainConfig(data="synthetic", num_classes=4, synthetic_samples=16, image_size=16, batch_size=8,
                           arch=["resnet32", "resnet32"], method="lmcl", meta_derivatives=choice,
                           out=str(tmp_path / choice), progress=False, workers=0)
-        assert Trainer(cfg).meta.fd_step == fd_step
+        assert build_trainer(cfg).meta.fd_step == fd_step
     rc = main(["--data", "synthetic", "--meta-derivatives", "hessian", "--out", str(tmp_path / "r"), "--no-progress"])
     assert rc == 2 and "--meta-derivatives: must be differences or autograd" in capsys.readouterr().err

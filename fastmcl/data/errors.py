@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-__all__ = ["DataError", "check_int"]
+__all__ = ["DataError", "check_int", "check_labels"]
 
 _WORKER_PREFIX = "Caught DataError in DataLoader worker"
 
@@ -31,3 +32,16 @@ def check_int(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise DataError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_labels(labels) -> torch.Tensor:
+    """`labels` as a non-empty 1-D int64 tensor (on its device); else a DataError naming `labels`."""
+    try:
+        t = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    except (TypeError, ValueError) as e:
+        raise DataError(f"labels: expected a 1-D sequence of integer labels ({e})") from None
+    if t.dim() != 1 or t.numel() == 0:
+        raise DataError(f"labels: expected a non-empty 1-D sequence of labels, got shape {tuple(t.shape)}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise DataError(f"labels: expected integer labels, got {t.dtype}")
+    return t.long()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import _keyhash as kh
-from .errors import DataError, check_int
+from .errors import DataError, check_int, check_labels
 
 __all__ = ["NegativeSampler"]
 
@@ -24,12 +24,7 @@ class NegativeSampler:
 
     def __init__(self, labels: torch.Tensor, pos_k: int = 1, neg_k: int = 8192, seed: int = 0, *,
                  strict: bool = False) -> None:
-        if not isinstance(labels, torch.Tensor):
-            labels = torch.as_tensor(labels)
-        if labels.dim() != 1 or labels.numel() == 0:
-            raise DataError(f"labels: expected a non-empty 1-D tensor, got shape {tuple(labels.shape)}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise DataError(f"labels: expected integer labels, got {labels.dtype}")
+        labels = check_labels(labels)
         n = labels.numel()
         if n >= 2 ** 31:
             raise DataError(f"labels: at most 2**31 - 1 samples are supported, got {n}")
@@ -38,7 +33,7 @@ class NegativeSampler:
         self.strict = bool(strict)
         self.num_samples = n
         device = labels.device
-        classes, cls = torch.unique(labels.long(), return_inverse=True)
+        classes, cls = torch.unique(labels, return_inverse=True)
         if classes.numel() < 2:
             raise DataError(f"labels: all {n} samples have one class ({int(classes[0])}); "
                             f"negatives need at least two classes")

@@ -7,26 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from . import _keyhash as kh
-from .errors import DataError, check_int
+from .errors import DataError, check_int, check_labels
 
 __all__ = ["MPerClassSampler", "ShuffleSampler", "ShardedSampler"]
-
-
-def _labels_tensor(labels) -> torch.Tensor:
-    try:
-        t = labels.detach().cpu() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
-    except (TypeError, ValueError) as e:
-        raise DataError(f"labels: expected a 1-D sequence of integer labels ({e})") from None
-    if t.dim() != 1 or t.numel() == 0:
-        raise DataError(f"labels: expected a non-empty 1-D sequence of labels, got shape {tuple(t.shape)}")
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise DataError(f"labels: labels must be integers, got {t.dtype}")
-    return t.long()
 
 
 def _epoch_generator(seed: int, epoch: int, tag: int) -> torch.Generator:
@@ -42,7 +29,7 @@ class MPerClassSampler(Sampler[int]):
     draws. `len(self)`: `length` (default `len(labels)`) rounded down to a multiple of `batch_size`."""
 
     def __init__(self, labels, m: int, batch_size: int, *, seed: int = 0, length: int | None = None) -> None:
-        labels = _labels_tensor(labels)
+        labels = check_labels(labels).detach().cpu()
         self.m = check_int(m, "m")
         self.batch_size = check_int(batch_size, "batch_size")
         if self.batch_size % self.m:

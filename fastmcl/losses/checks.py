@@ -86,10 +86,12 @@ def check_index(idx: Tensor, batch: int, pos_k: int, n_rows: int) -> None:
 
 
 def check_index_range(idx: Tensor, n_rows: int) -> None:
-    """Reads the index range on the host (a device sync)."""
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_rows):
-        raise ValueError(f"idx has values in [{int(idx.min())}, {int(idx.max())}], outside the bank's range "
-                         f"[0, {n_rows})")
+    """Reads the index range on the host: one device sync."""
+    if not idx.numel():
+        return
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist()
+    if lo < 0 or hi >= n_rows:
+        raise ValueError(f"idx has values in [{lo}, {hi}], outside the bank's range [0, {n_rows})")
 
 
 _INT_DTYPES = (torch.int64, torch.int32)

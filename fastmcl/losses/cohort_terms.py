@@ -215,8 +215,8 @@ def bank_rows_reference(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_
     # L[u, m] = e_u · Mem_m[idx]ᵀ / τ: depends on the contrast side only through the bank (spec §4.2).
     L = bank_logits_all(E / tau, banks, idx, k_chunk)                      # [NE, n, B, K]
     if groups is None:
-        groups = _bank_groups(*(tuple(i.tolist()) for i in (ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view)),
-                              device=E.device)
+        host = (tuple(i.tolist()) for i in (ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view))
+        groups = _bank_groups(*host, E.device)
     # per group: (columns dropped, leading positives, host lists of ce blocks (u, m) and kl blocks (su, sm, tu, tm))
     specs = tuple((drop, n_pos, *host) for (*_, host), (drop, n_pos) in zip(groups, ((1, pos_k), (0, 1 + pos_k))))
     # The hand-written backward keeps only L alive; the meta phase (student_out) differentiates twice: plain autograd.

@@ -5,7 +5,8 @@ whole pipeline down to a cubin with the wheel's bundled ptxas; from it we read w
 launch and run well on that GPU:
 - `shared`: `compiled.metadata.shared`, the bytes the launcher checks against the device's per-block opt-in limit;
 - `registers`, `spill_stores`, `spill_loads`, `stack`: ptxas' own report (`-v`, printed under TRITON_DUMP_PTXAS_LOG);
-- `mma`: the tensor-core instructions in the PTX (`mma.sync` on sm_80, `wgmma.mma_async` on sm_90).
+- `mma`: the tensor-core instructions in the PTX (`mma.sync` on sm_80, `wgmma.mma_async` on sm_90), beside `dots`,
+  the `tt.dot` operations of the kernel's Triton IR (a kernel without one has nothing to put on tensor cores).
 
 Compiling costs seconds per kernel, so results are cached on disk under `<repo>/.cache/aot/` (git-ignored; override
 with FASTMCL_AOT_CACHE), keyed by the kernel's source hash (Triton's `cache_key`, which covers every `triton.jit`
@@ -14,6 +15,7 @@ Distinct launches compile in parallel worker processes (`compile_launches`).
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import io
@@ -41,6 +43,8 @@ ARCH = {80: "sm_80", 86: "sm_86", 89: "sm_89", 90: "sm_90"}
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _MMA = re.compile(r"^\s*(wgmma\.mma_async|mma\.sync)\S*", re.MULTILINE)
+_TT_DOT = re.compile(r"\btt\.dot\b")
+_RESULT_SCHEMA = 2                  # bump when the cached fields change
 
 
 class DoesNotFit(Exception):
@@ -60,6 +64,7 @@ class Compiled:
     spill_loads: int
     stack: int
     mma: tuple[str, ...]              # distinct tensor-core instruction kinds in the PTX (empty: FMA only)
+    dots: int                         # `tt.dot` operations in the kernel's Triton IR (0: nothing for tensor cores)
     compile_s: float                  # seconds the compile took when it was not cached
 
     @property
@@ -78,8 +83,8 @@ class Compiled:
         """Why this kernel would fail to launch (shared memory) or run slowly (spills); empty when it is fine."""
         out = []
         if self.shared > self.shared_limit:
-            out.append(f"needs {self.shared:,} B of shared memory per block; {self.arch} allows {self.shared_limit:,} B "
-                       f"(the launch would raise OutOfResources)")
+            out.append(f"needs {self.shared:,} B of shared memory per block; {self.arch} allows "
+                       f"{self.shared_limit:,} B (the launch would raise OutOfResources)")
         if self.spill_stores or self.spill_loads:
             out.append(f"spills registers: {self.spill_stores} B stores / {self.spill_loads} B loads at "
                        f"{self.registers} registers per thread")
@@ -88,7 +93,7 @@ class Compiled:
     def describe(self) -> str:
         return (f"{self.name} on {self.arch} (num_warps={self.num_warps}, num_stages={self.num_stages}): "
                 f"{self.registers} registers, {self.spill_stores} B spilled, {self.shared:,} B shared, "
-                f"tensor cores: {', '.join(self.mma) or 'none'}")
+                f"{self.dots} tl.dot, tensor cores: {', '.join(self.mma) or 'none'}")
 
     def check_fits(self) -> None:
         """Raise `DoesNotFit` naming the kernel, the target and the numbers when the block cannot launch."""
@@ -107,7 +112,8 @@ def _job(launch, cc: int) -> dict:
 
 
 def _key(job: dict) -> str:
-    text = json.dumps({**job, "name": None, "triton": triton.__version__}, sort_keys=True, default=repr)
+    text = json.dumps({**job, "name": None, "triton": triton.__version__, "schema": _RESULT_SCHEMA}, sort_keys=True,
+                      default=repr)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -117,7 +123,7 @@ def _compile_job(job: dict) -> dict:
     from triton.compiler import ASTSource
 
     fn = getattr(import_module(job["module"]), job["fn"])
-    attrs = {eval(k): v for k, v in job["attrs"].items()}              # keys are repr'd int tuples
+    attrs = {ast.literal_eval(k): v for k, v in job["attrs"].items()}   # keys are repr'd int tuples
     with tempfile.TemporaryDirectory() as cache:
         saved = {k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TRITON_DUMP_PTXAS_LOG")}
         os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
@@ -142,13 +148,14 @@ def _compile_job(job: dict) -> dict:
         raise RuntimeError(f"no ptxas report for {job['name']} on sm_{job['cc']}:\n{text[-2000:]}")
     return {"shared": int(compiled.metadata.shared), "registers": int(regs.group(1)),
             "stack": int(spills.group(1)), "spill_stores": int(spills.group(2)), "spill_loads": int(spills.group(3)),
-            "mma": sorted(set(_MMA.findall(compiled.asm["ptx"]))), "compile_s": round(seconds, 2)}
+            "mma": sorted(set(_MMA.findall(compiled.asm["ptx"]))),
+            "dots": len(_TT_DOT.findall(compiled.asm["ttir"])), "compile_s": round(seconds, 2)}
 
 
 def _result(job: dict, data: dict) -> Compiled:
     return Compiled(name=job["name"], cc=job["cc"], num_warps=job["num_warps"], num_stages=job["num_stages"],
                     shared=data["shared"], registers=data["registers"], spill_stores=data["spill_stores"],
-                    spill_loads=data["spill_loads"], stack=data["stack"], mma=tuple(data["mma"]),
+                    spill_loads=data["spill_loads"], stack=data["stack"], mma=tuple(data["mma"]), dots=data["dots"],
                     compile_s=data["compile_s"])
 
 
@@ -172,7 +179,7 @@ def compile_launches(pairs: list[tuple[object, int]], *, processes: int | None =
         else:
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
             results = pool.map(_compile_job, todo.values())
-        for k, data in zip(todo, list(results)):
+        for k, data in zip(todo, results):             # each cached as soon as it is in
             found[k] = data
             if use_cache:
                 CACHE_DIR.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,96 @@
+"""`python -m fastmcl.evaluate`: every classifier the run evaluated, with the numbers the training run logged for the
+same checkpoint, the deployed one marked; bad input ends in one line and exit 2."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastmcl import evaluate, train
+
+# PCL: members, ensemble and temporal means (ema0 deployed); L-MCL: members, stage heads and aggregators
+METHODS = {"pcl": [], "lmcl": ["--meta-mode", "off"]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine a second one spin-waits and makes each forward 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, one_thread):
+    """One full epoch each (an evaluation logged in metrics.jsonl, best.pt written)."""
+    out = {}
+    for method, extra in METHODS.items():
+        run = tmp_path_factory.mktemp(method) / "run"
+        argv = ["--method", method, "--data", "synthetic", "--num-classes", "10", "--image-size", "32",
+                "--synthetic-samples", "64", "--batch-size", "16", "--epochs", "1", "--no-progress", "--workers", "0",
+                "--out", str(run), *extra]
+        assert train.main(argv) == 0
+        out[method] = run
+    return out
+
+
+def logged_eval(run) -> dict[str, dict]:
+    """The last evaluation the training run logged: member → its event."""
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["event"] == "eval"]
+    last = max(e["step"] for e in evals)
+    return {e["member"]: e for e in evals if e["step"] == last}
+
+
+@pytest.mark.parametrize("method,deployed", [("pcl", "ema0"), ("lmcl", "net0")])
+def test_numbers_equal_the_training_runs(runs, tmp_path, capsys, method, deployed):
+    report_path = tmp_path / "eval.json"
+    assert evaluate.main([str(runs[method]), "--json", str(report_path)]) == 0
+    table = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    logged = logged_eval(runs[method])
+    assert set(report["classifiers"]) == set(logged)
+    assert len(logged) >= 7                              # members and the method's other heads
+    for name, row in report["classifiers"].items():
+        assert (row["top1"], row["top5"]) == (logged[name]["top1"], logged[name]["top5"]), name
+        assert row["deployed"] == logged[name]["deployed"] == (name == deployed)
+    assert report["deployed"] == deployed and report["images"] == 16 and report["method"] == method
+    marked = [line for line in table.splitlines() if "deployed" in line]
+    assert len(marked) == 1 and marked[0].split()[0] == deployed
+
+
+def test_json_on_stdout(runs, capsys):
+    assert evaluate.main([str(runs["pcl"] / "checkpoints" / "last.pt"), "--json", "-", "--batch-size", "5"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)                    # stdout holds the JSON alone, the table goes to stderr
+    assert report["checkpoint"].endswith("last.pt") and report["images"] == 16
+    assert {"net0", "net1", "net2", "ens", "ema0", "ema1", "ema2"} == set(report["classifiers"])
+    assert "<- deployed" in captured.err
+
+
+def write_tree(root, classes: int):
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(2):
+                pixels = np.full((32, 32, 3), 40 * c + 10 * i, dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def one_line_error(capsys, argv) -> str:
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastmcl: error: ") and "\n" not in err
+    return err
+
+
+def test_errors(runs, tmp_path, capsys):
+    assert "no such run folder" in one_line_error(capsys, [str(tmp_path / "missing")])
+    torch.save([1, 2], tmp_path / "list.pt")
+    one_line_error(capsys, [str(tmp_path / "list.pt")])
+    write_tree(tmp_path / "three", 3)
+    err = one_line_error(capsys, [str(runs["pcl"]), "--data", str(tmp_path / "three")])
+    assert "3 classes" in err and "10" in err

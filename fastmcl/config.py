@@ -150,10 +150,7 @@ class TrainConfig:
         need(self.ckpt_every >= 0, "ckpt_every", "must be >= 0")
         need(self.m_per_class is None or self.m_per_class >= 1, "m_per_class", "must be >= 1")
         need(self.workers >= 0, "workers", "must be >= 0")
-        need(self.dali_device in (None, "gpu", "cpu"), "dali_device", f"must be gpu or cpu, got {self.dali_device!r}")
-        need(self.dali_threads >= 1, "dali_threads", "must be >= 1")
         need(0.0 <= self.hw_decoder_load <= 1.0, "hw_decoder_load", f"must be in [0, 1], got {self.hw_decoder_load}")
-        need(self.dali_prefetch >= 1, "dali_prefetch", "must be >= 1")
         need(self.meta_mode in ("second-order", "first-order", "off"), "meta_mode",
              f"must be second-order, first-order or off, got {self.meta_mode!r}")
         need(self.meta_freq is None or self.meta_freq >= 1, "meta_freq", "must be >= 1")

@@ -79,6 +79,9 @@ class Batches(Protocol):
     """The one interface of the sources: what `TrainData` asks of each."""
     labels: torch.Tensor            # [N] class of every training sample
     num_classes: int
+    classes: list[str]              # class names, in label order
+    mean: list[float] | None        # the normalisation the batches carry (None: not normalised)
+    std: list[float] | None
     loader_name: str
     val_sharded: bool               # each rank gets only its shard of the val set
 
@@ -99,6 +102,7 @@ class LoaderBatches:
             self.val_set = SyntheticDataset(max(cfg.synthetic_samples // 4, 1), cfg.num_classes, cfg.image_size,
                                             seed=cfg.seed + 1)
             self.loader_name = "DataLoader (synthetic)"
+            self.mean = self.std = None
         else:
             self.train_set = ImageFolderDataset(source.root / "train", imagenet_train_transform(cfg.image_size),
                                                 aug_seed=cfg.seed, views=run.views)
@@ -106,8 +110,10 @@ class LoaderBatches:
                                                                                           cfg.val_resize))
             _same_classes(source.root, self.train_set.classes, self.val_set.classes)
             self.loader_name = "DataLoader (PIL)"
+            self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         self.labels = self.train_set.labels
-        self.num_classes = len(self.train_set.classes)
+        self.classes = [str(c) for c in self.train_set.classes]
+        self.num_classes = len(self.classes)
 
     def train_batches(self, indices: list[int], epoch: int) -> Iterable:
         run = self.run
@@ -139,12 +145,13 @@ class ResidentBatches:
         if source.kind == "cifar100":
             (images, labels), (val_images, val_labels) = (load_cifar100(source.root, train=t) for t in (True, False))
             self.num_classes, self.mean, self.std = 100, CIFAR100_MEAN, CIFAR100_STD
+            self.classes = [str(c) for c in range(100)]
         else:
             images, labels, classes = decode_tree(source.root / "train", run.cfg.image_size)
             val_images, val_labels, val_classes = decode_tree(source.root / "val", run.cfg.image_size)
             _same_classes(source.root, classes, val_classes)
             x = images.float().div(255)
-            self.num_classes = len(classes)
+            self.num_classes, self.classes = len(classes), [str(c) for c in classes]
             self.mean, self.std = x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).clamp_min(1e-3).tolist()
         self.labels = labels
         self.images, self.device_labels = images.to(run.device), labels.to(run.device)
@@ -191,7 +198,7 @@ class DaliBatches:
         self.val = dali.DaliReaderLoader(val, batch_size=max(run.local_batch, 64 if style == "imagenet" else 256),
                                          resize=cfg.val_resize, train=False, shard_id=run.rank,
                                          num_shards=run.world_size, **common)
-        self.labels, self.num_classes = train.labels, len(train.classes)
+        self.labels, self.num_classes, self.classes = train.labels, len(train.classes), [str(c) for c in train.classes]
         self.loader_name = (f"DALI {dali.dali_version()} {device} ({'mixed' if device == 'gpu' else 'cpu'} decoder, "
                             f"{cfg.dali_threads} threads, {style} augmentation)")
 
@@ -235,3 +242,11 @@ class TrainData:
 
     def val_batches(self) -> Iterable:
         return self.batches.val_batches()
+
+    def card(self) -> dict:
+        """What a trained network needs to be used on new images: classes, input size and normalisation."""
+        b, cfg = self.batches, self.cfg
+        return {"num_classes": self.num_classes, "class_names": list(b.classes), "image_size": cfg.image_size,
+                "val_resize": None if self.source.cifar_style else cfg.val_resize,
+                "mean": None if b.mean is None else [float(v) for v in b.mean],
+                "std": None if b.std is None else [float(v) for v in b.std]}

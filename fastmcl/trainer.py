@@ -110,7 +110,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step": self.step,
                 "step_in_epoch": self.step_in_epoch, "best_top1": self.best_top1, "rng": capture_rng_state(),
-                "config": dataclasses.asdict(self.cfg)}
+                "config": dataclasses.asdict(self.cfg), "data": self.data.card()}
 
     def _load_state(self, state: dict) -> None:
         self.cohort.load_state_dict(state["cohort"])

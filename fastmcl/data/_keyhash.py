@@ -66,7 +66,7 @@ def column_code(c: int) -> int:
 
 
 def cell(row, codes):
-    """Hash of (row, column): `row` [..., 1] (or int) and `codes` from :func:`column_codes` (or an int)."""
+    """Hash of (row, column): `row` [..., 1] (or int) and `codes` from `column_codes` (or an int)."""
     return mix32(row ^ codes)
 
 

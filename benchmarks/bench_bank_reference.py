@@ -204,7 +204,7 @@ def write_result(result: dict) -> None:
 
 
 def test_bank_reference_naive_vs_dedup_vs_streamed(benchmark):
-    """One run of all cases (each in its own subprocess); the issue's targets are asserted."""
+    """One run of all cases (each in its own subprocess); the targets are asserted."""
     result = benchmark.pedantic(run_all, rounds=1, iterations=1)
     benchmark.extra_info.update({"ratios": result["ratios"], "targets_met": result["targets_met"],
                                  "cases": {c: {k: r.get(k) for k in ("time_s", "peak_bytes", "error")}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from .meta import META_MODES
+
 def _f(default, group: str, help: str, **kw):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"group": group, "help": help, **kw})
@@ -151,8 +153,7 @@ class TrainConfig:
         need(self.m_per_class is None or self.m_per_class >= 1, "m_per_class", "must be >= 1")
         need(self.workers >= 0, "workers", "must be >= 0")
         need(0.0 <= self.hw_decoder_load <= 1.0, "hw_decoder_load", f"must be in [0, 1], got {self.hw_decoder_load}")
-        need(self.meta_mode in ("second-order", "first-order", "off"), "meta_mode",
-             f"must be second-order, first-order or off, got {self.meta_mode!r}")
+        need(self.meta_mode in META_MODES, "meta_mode", f"must be one of {', '.join(META_MODES)}, got {self.meta_mode!r}")
         need(self.meta_freq is None or self.meta_freq >= 1, "meta_freq", "must be >= 1")
         need(self.meta_inner >= 1, "meta_inner", "must be >= 1")
         need(self.meta_derivatives in ("differences", "autograd"), "meta_derivatives",

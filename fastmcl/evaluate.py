@@ -82,10 +82,14 @@ def evaluate_run(run: TrainedRun, *, data: str | None = None, batch_size: int | 
                               batch_size=batch_size or cfg.batch_size, amp=amp or cfg.amp)
     _, torch_device = init_distributed(cfg.device)
     val = TrainData(cfg, detect_source(cfg), torch_device, m_per_class=0)
-    trained_classes = run.data["num_classes"]
-    if val.num_classes != trained_classes:
-        raise ValueError(f"--data {cfg.data or '(digits demo)'}: {val.num_classes} classes, but the networks were "
-                         f"trained on {trained_classes}")
+    trained, here = run.data, val.card()
+    if here["num_classes"] != trained["num_classes"]:
+        raise ValueError(f"--data {cfg.data or '(digits demo)'}: {here['num_classes']} classes, but the networks were "
+                         f"trained on {trained['num_classes']}")
+    if trained["class_names"] is not None and here["class_names"] != trained["class_names"]:
+        differ = next(i for i, (a, b) in enumerate(zip(here["class_names"], trained["class_names"])) if a != b)
+        raise ValueError(f"--data {cfg.data or '(digits demo)'}: class {differ} is {here['class_names'][differ]!r}, "
+                         f"but the networks were trained with {trained['class_names'][differ]!r} there")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     autocast = torch.autocast(torch_device.type, dtype=amp_dtype) if amp_dtype is not None else None
     cohort, objective = run.cohort.to(torch_device), run.objective.to(torch_device)

@@ -3,7 +3,4 @@
 from .bank_contrastive import bank_rows  # fused memory-bank rows (contract: bank_rows_reference)
 from .inbatch_contrastive import inbatch_rows  # fused in-batch rows (contract: inbatch_rows_reference)
 
-__all__ = ["AVAILABLE", "bank_rows", "inbatch_rows"]
-
-# Both ops the dispatcher needs imported (an ImportError above, e.g. no triton, makes the package unusable instead).
-AVAILABLE = True
+__all__ = ["bank_rows", "inbatch_rows"]

@@ -70,13 +70,14 @@ def test_json_on_stdout(runs, capsys):
     assert "<- deployed" in captured.err
 
 
-def write_tree(root, classes: int):
+def write_tree(root, names):
+    """A small ImageFolder tree (train/, val/) of 32-px images, two per class."""
     for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
+        for c, name in enumerate(names):
+            folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(2):
-                pixels = np.full((32, 32, 3), 40 * c + 10 * i, dtype=np.uint8)
+                pixels = np.full((32, 32, 3), 20 * c + 10 * i, dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
@@ -91,6 +92,9 @@ def test_errors(runs, tmp_path, capsys):
     assert "no such run folder" in one_line_error(capsys, [str(tmp_path / "missing")])
     torch.save([1, 2], tmp_path / "list.pt")
     one_line_error(capsys, [str(tmp_path / "list.pt")])
-    write_tree(tmp_path / "three", 3)
+    write_tree(tmp_path / "three", ["a", "b", "c"])
     err = one_line_error(capsys, [str(runs["pcl"]), "--data", str(tmp_path / "three")])
     assert "3 classes" in err and "10" in err
+    write_tree(tmp_path / "ten", [str(c) for c in range(9)] + ["other"])    # synthetic classes are named 0..9
+    err = one_line_error(capsys, [str(runs["pcl"]), "--data", str(tmp_path / "ten")])
+    assert "'other'" in err and "'9'" in err

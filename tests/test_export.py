@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fastmcl import export, train
 from fastmcl.build import build_networks, load_run
@@ -141,6 +143,25 @@ def test_default_output_goes_into_the_run_folder(runs):
     net, meta = export.load_exported(runs["one"] / "export" / "net2.pt")
     assert meta["member"] == "net2" and not meta["deployed"]
     assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 8)
+
+
+def test_metadata_of_an_imagefolder_run(tmp_path):
+    names = ["ant", "bee", "cat", "dog"]
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for name in names:
+            (tmp_path / "tree" / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "tree" / split / name / f"{i}.png")
+    argv = ["--method", "dml", "--data", str(tmp_path / "tree"), "--batch-size", "8", "--max-steps", "1",
+            "--no-progress", "--workers", "0", "--out", str(tmp_path / "run")]
+    assert train.main(argv) == 0
+    assert export.main([str(tmp_path / "run"), "--out", str(tmp_path / "net.pt")]) == 0
+    meta = torch.load(tmp_path / "net.pt", weights_only=True)["meta"]
+    assert meta["class_names"] == names and meta["num_classes"] == 4 and meta["image_size"] == 32
+    assert meta["val_resize"] is None                    # small images are resized whole, not centre-cropped
+    assert len(meta["mean"]) == 3 and 0.4 < meta["mean"][0] < 0.6 and 0.2 < meta["std"][0] < 0.4
 
 
 @pytest.mark.parametrize("layout", [dict(aux=True), dict(shared_stem=True, trunk_stages=None),

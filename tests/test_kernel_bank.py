@@ -261,7 +261,6 @@ def test_bank_gets_no_gradient_and_errors():
 def test_end_to_end_cohort_terms(monkeypatch, plan_name, pos_k):
     """cohort_bank_contrastive_terms(backend="triton") == backend="reference" (plain and K-streamed), with weights."""
     k = kernels()
-    monkeypatch.setattr(k, "AVAILABLE", True)        # the bank path does not need the in-batch kernel
     plan = lmcl_plan([2, 2]) if plan_name == "lmcl22" else mcl_plan(3)
     NE, n = plan.num_embeddings, max(plan.net_of) + 1
     B, K, D = 6, 70, 32

@@ -82,3 +82,10 @@ def test_console_lines_without_a_bar_and_a_final_evaluation_mid_epoch(tmp_path, 
 def test_fp16_on_a_cpu_warns(tmp_path, capsys):
     run_ok(TINY + ["--method", "dml", "--max-steps", "1", "--amp", "fp16", "--out", str(tmp_path / "o")])
     assert "fp16" in capsys.readouterr().err
+
+
+def test_too_few_classes_for_the_batch_says_what_would_work(tmp_path, capsys):
+    one_line_error(capsys, ["--data", "synthetic", "--num-classes", "10", "--image-size", "16", "--max-steps", "1",
+                            "--no-progress", "--out", str(tmp_path / "o")], "--batch-size 20")
+    run_ok(["--data", "synthetic", "--num-classes", "10", "--image-size", "16", "--max-steps", "1", "--no-progress",
+            "--batch-size", "20", "--workers", "0", "--out", str(tmp_path / "o2")])

@@ -38,8 +38,11 @@ class MPerClassSampler(Sampler[int]):
         self.num_classes = int(classes.numel())
         self.classes_per_batch = self.batch_size // self.m
         if self.classes_per_batch > self.num_classes:
-            raise DataError(f"batch_size: batch_size/m = {self.classes_per_batch} classes per batch, but the labels "
-                            f"have only {self.num_classes} classes")
+            b, c, m = self.batch_size, self.num_classes, self.m
+            fits = next(k for k in range(-(-b // c), b + 1) if b % k == 0)   # the smallest m that divides b and fits
+            raise DataError(f"--batch-size {b} / --m-per-class {m} = {self.classes_per_batch} classes per batch, but "
+                            f"the data has only {c} classes: use --batch-size {c * m} (or a smaller multiple of {m}) "
+                            f"or --m-per-class {fits}")
         self.seed = int(seed)
         self.epoch = 0
         total = len(labels) if length is None else check_int(length, "length")

@@ -4,6 +4,8 @@ Every backend checks that `idx` lies inside the bank, which synchronises a GPU; 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -71,7 +73,9 @@ def check_banks(banks: list[Tensor], dim: int, names: list[str]) -> int:
     return n_rows
 
 
-def check_index(idx: Tensor, batch: int, pos_k: int, n_rows: int) -> None:
+def check_index(idx: Tensor, batch: int, pos_k: int, n_rows: int, *, check_range: bool = True) -> None:
+    """Shape checks always; the value range (a host sync) when `check_range`, or under `FASTMCL_DEBUG=1`, outside
+    compiled graphs."""
     if not isinstance(pos_k, int) or isinstance(pos_k, bool) or pos_k < 1:
         raise ValueError(f"pos_k must be an int >= 1, got {pos_k!r}")
     if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype not in _INT_DTYPES:
@@ -81,7 +85,7 @@ def check_index(idx: Tensor, batch: int, pos_k: int, n_rows: int) -> None:
     if idx.shape[1] < pos_k + 2:
         raise ValueError(f"idx needs K >= 1 + pos_k + 1 = {pos_k + 2} columns (own, positives, >= 1 negative), "
                          f"got K={idx.shape[1]}")
-    if not torch.compiler.is_compiling():  # a host sync: kept out of compiled graphs
+    if (check_range or os.environ.get("FASTMCL_DEBUG") == "1") and not torch.compiler.is_compiling():
         check_index_range(idx, n_rows)
 
 

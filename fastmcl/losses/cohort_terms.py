@@ -37,6 +37,10 @@ def _plan_indices(plan: ContrastPlan, device: torch.device) -> dict[str, Tensor]
         "kl_term": t([e[0] for e in plan.kl]), "kl_block": t([kl_pos[(e[1], e[2])] for e in plan.kl]),
         "kl_row": t([e[3] for e in plan.kl]),
         "net_of": t(list(plan.net_of)),
+        # bank setting: the bank (network) each block scores against
+        "ce_m": t([plan.net_of[b[1]] for b in plan.ce_blocks]),
+        "kl_sm": t([plan.net_of[s[1]] for s, _ in plan.kl_blocks]),
+        "kl_tm": t([plan.net_of[t_[1]] for _, t_ in plan.kl_blocks]),
         # bank setting: which distinct blocks are view (same network) or cross blocks
         "ce_is_view": torch.tensor([plan.is_view_block(b) for b in plan.ce_blocks], dtype=torch.bool, device=device),
         "kl_is_view": torch.tensor([plan.is_view_block(s) for s, _ in plan.kl_blocks], dtype=torch.bool, device=device),
@@ -178,17 +182,16 @@ def cohort_bank_contrastive_terms(embeddings: list[Tensor], banks: list[Tensor],
     n_nets = max(plan.net_of) + 1
     banks = _bank_tensor(banks, n_nets)
     n_rows = checks.check_banks(list(banks.unbind(0)), D, [f"banks[{i}]" for i in range(n_nets)])
-    checks.check_index(idx, B, pos_k, n_rows)
-    if k_chunk is not None and (not isinstance(k_chunk, int) or k_chunk < 1):
-        raise ValueError(f"k_chunk must be None or an int >= 1, got {k_chunk!r}")
     use = resolve_backend(backend, embeddings[0].device, embeddings[0].dtype,
                           twice_differentiable=student_out is not None)
+    checks.check_index(idx, B, pos_k, n_rows, check_range=use == "reference")   # the fused path never syncs
+    if k_chunk is not None and (not isinstance(k_chunk, int) or k_chunk < 1):
+        raise ValueError(f"k_chunk must be None or an int >= 1, got {k_chunk!r}")
 
     E = _stack(embeddings)
     ix = _plan_indices(plan, E.device)
-    net_of = ix["net_of"]
-    args = (E, banks.detach(), idx.long(), ix["ce_u"], net_of[ix["ce_v"]], ix["ce_is_view"], ix["kl_su"],
-            net_of[ix["kl_sv"]], ix["kl_tu"], net_of[ix["kl_tv"]], ix["kl_is_view"], tau, kd_T, pos_k)
+    args = (E, banks.detach(), idx.long(), ix["ce_u"], ix["ce_m"], ix["ce_is_view"], ix["kl_su"], ix["kl_sm"],
+            ix["kl_tu"], ix["kl_tm"], ix["kl_is_view"], tau, kd_T, pos_k)
     if use == "reference":
         ce, kl = bank_rows_reference(*args, k_chunk=k_chunk, student_out=student_out,
                                      groups=_plan_bank_groups(plan, E.device))

@@ -58,7 +58,7 @@ class LMCL(ContrastiveObjective):
     def inner_loss(self, outputs, labels: Tensor, contrast_idx: Tensor | None,
                    student_out: list | None = None) -> Tensor:
         """Weighted contrastive loss with the matching weights WITH gradient to the meta-network. With
-        `student_out`, the student logits are handed out and the KL teachers stay attached (fastmcl/meta.py)."""
+        `student_out`, the student logits are handed out and the KL teachers stay attached (`fastmcl.meta`)."""
         weights = self.matching_weights(outputs)
         if student_out is not None:
             student_out.append(weights)

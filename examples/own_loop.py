@@ -23,7 +23,8 @@ def train_cohort(steps: int, num_classes: int = 10, batch_size: int = 16) -> Non
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     labels = torch.arange(batch_size // needs.m_per_class).repeat_interleave(needs.m_per_class)
     for step in range(steps):
-        cohort.train(), objective.train()
+        cohort.train()
+        objective.train()
         objective.set_epoch(0)                    # ramp-up methods (ONE, OKDDip, CL-ILR, PCL) read the epoch
         x = torch.randn(batch_size, 3, 32, 32)    # your normalised images
         out = objective(cohort(x), labels)        # StepOutput(loss, terms, state)
@@ -33,7 +34,8 @@ def train_cohort(steps: int, num_classes: int = 10, batch_size: int = 16) -> Non
         objective.after_step(out, None)           # memory-bank methods update their banks here (dataset indices)
         terms = ", ".join(f"{name} {value.item():.3f}" for name, value in out.terms.items())
         print(f"step {step}: loss {out.loss.item():.3f} ({terms})")
-    cohort.eval(), objective.eval()
+    cohort.eval()
+    objective.eval()
     with torch.no_grad():
         logits = objective.eval_logits(cohort(torch.randn(4, 3, 32, 32)))   # every classifier by name
     print(f"classifiers: {', '.join(logits)}; deployed: {objective.deployed} {tuple(logits[objective.deployed].shape)}")

@@ -1,13 +1,5 @@
-"""The cohort trainer: one loop for every method (it reads the method's `needs`, never its name).
-
-step: batch (one view, or one view per member) → cohort forward (optional channels_last, bf16/fp16 autocast, EMA
-copy) → objective → one SGD step for the whole cohort and the objective's heads (GradScaler under fp16) →
-objective.after_step (memory banks) → EMA update. `--compile` compiles that forward (cohort + objective + the
-meta-network's forward) as one function. Under torchrun: DDP over the cohort, the objective's own gradients
-all-reduced, optional synchronised BN, in-batch contrast over the global batch, rank 0 alone logs and checkpoints.
-Evaluation of every classifier the objective names, run directory (config.yaml, metrics.jsonl, TensorBoard,
-curves.png, checkpoints/last.pt + best.pt), exact resume.
-"""
+"""The training loop for every method: step, evaluate, fit. It reads the method's `needs`, never its name; what it runs
+on is built by `fastmcl.build`. The run folder's layout and the resume rules are in docs/runtime.md."""
 from __future__ import annotations
 
 import dataclasses

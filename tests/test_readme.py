@@ -7,9 +7,9 @@ Each fenced `bash` block runs top to bottom in its own working directory, a copy
 of the same kind (CIFAR-100 pickles, an ImageNet-style or a small ImageFolder tree) and adds `--batch-size 8` where
 the command sets none, so every flag is parsed, resolved and trained with. `torchrun` commands are checked by
 torchrun's own parser and by resolving the training arguments on the stand-in data; `make` targets other than
-`train` by `make -n`; `tensorboard` by reading the runs' event files (`--inspect`). `python` blocks are executed,
-after the README's export commands, in a copy of the same directory. A README command the test does not know how to
-check fails the test.
+`train` by `make -n`; `tensorboard` by reading the runs' event files (`--inspect`). The blocks that export run once,
+in the directory in which the `python` blocks are then executed. A README command the test does not know how to check
+fails the test, and so does a relative link in the README to a file that does not exist.
 """
 from __future__ import annotations
 
@@ -286,3 +286,10 @@ def test_python_block_runs_as_written(code, exported_dir, tmp_path, monkeypatch)
     if imagenet is not None:          # the val/ preparation: every image now in its class folder
         assert sorted(p.name for p in (imagenet / "val").iterdir()) == SYNSETS
         assert len(list((imagenet / "val").glob("n*/*.JPEG"))) == 8
+
+
+def test_relative_links_resolve():
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README.read_text())
+    local = [link for link in links if "://" not in link]
+    assert local, "the README links to docs/"
+    assert [link for link in local if not (REPO / link).exists()] == []

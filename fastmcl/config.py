@@ -122,14 +122,14 @@ class TrainConfig:
                 setattr(c, name, value)
         c.cohort = c.cohort or 2
         c.memory_bank = bool(c.memory_bank)
-        c.image_size = c.image_size or (32 if cifar_style else 224)
+        c.image_size = (32 if cifar_style else 224) if c.image_size is None else c.image_size
         c.val_resize = c.val_resize or round(c.image_size / 0.875)
         # The digits demo: 1,438 images of 10 classes, so smaller batches (8 classes x 4) and more, gentler steps.
-        c.epochs = c.epochs or (6 if demo else 300 if cifar_style else 100)
-        c.batch_size = c.batch_size or (32 if demo else 128)
-        c.lr = c.lr or (0.05 if demo else 0.1)
-        c.m_per_class = c.m_per_class or (4 if demo else 2)
-        c.meta_freq = c.meta_freq or (50 if cifar_style else 500)
+        c.epochs = (6 if demo else 300 if cifar_style else 100) if c.epochs is None else c.epochs
+        c.batch_size = (32 if demo else 128) if c.batch_size is None else c.batch_size
+        c.lr = (0.05 if demo else 0.1) if c.lr is None else c.lr
+        c.m_per_class = (4 if demo else 2) if c.m_per_class is None else c.m_per_class
+        c.meta_freq = (50 if cifar_style else 500) if c.meta_freq is None else c.meta_freq
         c.rampup_epochs = c.rampup_epochs if c.rampup_epochs is not None else (c.epochs if demo else 80)
         c.warmup_epochs = c.warmup_epochs if c.warmup_epochs is not None else (1.0 if demo else 0.0)
         c.weight_decay = c.weight_decay if c.weight_decay is not None else (5e-4 if cifar_style else 1e-4)
@@ -148,6 +148,8 @@ class TrainConfig:
                                                   f"{len(self.members())}")
         need(self.lr is None or self.lr > 0, "lr", "must be > 0")
         need(self.max_steps >= 0, "max_steps", "must be >= 0")
+        need(self.epochs is None or self.epochs >= 1, "epochs", "must be >= 1")
+        need(self.image_size is None or self.image_size >= 1, "image_size", "must be >= 1")
         need(self.log_every >= 1, "log_every", "must be >= 1")
         need(self.ckpt_every >= 0, "ckpt_every", "must be >= 0")
         need(self.m_per_class is None or self.m_per_class >= 1, "m_per_class", "must be >= 1")

@@ -8,12 +8,13 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
+from typing import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import distributed as dist
@@ -50,6 +51,44 @@ def to_device(x, device: torch.device, channels_last: bool = False):
 
 def batch_size_of(x) -> int:
     return (x[0] if isinstance(x, (list, tuple)) else x).shape[0]
+
+
+@torch.no_grad()
+def evaluate_classifiers(cohort: nn.Module, objective: Objective, ema: nn.Module | None, batches: Iterable,
+                         device: torch.device, *, autocast: AbstractContextManager | None = None,
+                         channels_last: bool = False,
+                         reduce_counts: Callable[[Tensor], Tensor] | None = None) -> dict[str, tuple[float, float]]:
+    """Top-1/top-5 accuracy (percent) of every classifier `objective.eval_logits` names, over `batches` of
+    `(x, y, index)`, sorted by name. The modules are put in eval mode. `reduce_counts` sums the `[3, n]` float64
+    counts over processes when each sees a shard of the validation set (DDP with a sharded reader)."""
+    cohort.eval()
+    objective.eval()
+    if ema is not None:
+        ema.eval()
+    autocast = autocast if autocast is not None else nullcontext()
+    correct1: dict[str, Tensor] = {}
+    correct5: dict[str, Tensor] = {}
+    total = 0
+    for x, y, _ in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            extra = {"ema_outputs": ema(x)} if ema is not None else {}
+            named = objective.eval_logits(cohort(x), **extra)
+        for name, logits in named.items():
+            top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top == y[:, None]
+            correct1[name] = correct1.get(name, 0) + hit[:, 0].sum()
+            correct5[name] = correct5.get(name, 0) + hit.any(1).sum()
+        total += y.shape[0]
+    names = sorted(correct1)
+    counts = torch.tensor([[float(correct1[n]) for n in names], [float(correct5[n]) for n in names],
+                           [float(total)] * len(names)], dtype=torch.float64)
+    if reduce_counts is not None:
+        counts = reduce_counts(counts.to(device)).cpu()
+    return {n: (100.0 * float(counts[0, i] / counts[2, i]), 100.0 * float(counts[1, i] / counts[2, i]))
+            for i, n in enumerate(names)}
 
 
 @dataclass
@@ -173,36 +212,10 @@ class Trainer:
         return terms
 
     # -- evaluation ---------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, tuple[float, float]]:
-        self.cohort.eval()
-        self.objective.eval()
-        correct1: dict[str, torch.Tensor] = {}
-        correct5: dict[str, torch.Tensor] = {}
-        total = 0
-        for x, y, _ in self.data.val_batches():
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self.cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with self.autocast:
-                extra = {}
-                if self.ema is not None:
-                    self.ema.eval()
-                    extra["ema_outputs"] = self.ema(x)
-                named = self.objective.eval_logits(self.cohort(x), **extra)
-            for name, logits in named.items():
-                top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-                hit = top == y[:, None]
-                correct1[name] = correct1.get(name, 0) + hit[:, 0].sum()
-                correct5[name] = correct5.get(name, 0) + hit.any(1).sum()
-            total += y.shape[0]
-        names = sorted(correct1)
-        counts = torch.tensor([[float(correct1[n]) for n in names], [float(correct5[n]) for n in names]] +
-                              [[float(total)] * len(names)], dtype=torch.float64)
-        if self.dist.enabled and self.data.val_sharded:   # DALI's val reader gives each rank a shard
-            counts = dist.all_reduce_sum(counts.to(self.device)).cpu()
-        return {n: (100.0 * float(counts[0, i]) / float(counts[2, i]), 100.0 * float(counts[1, i]) / float(counts[2, i]))
-                for i, n in enumerate(names)}
+        reduce = dist.all_reduce_sum if self.dist.enabled and self.data.val_sharded else None
+        return evaluate_classifiers(self.cohort, self.objective, self.ema, self.data.val_batches(), self.device,
+                                    autocast=self.autocast, channels_last=self.cfg.channels_last, reduce_counts=reduce)
 
     # -- the loop -----------------------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):

@@ -89,3 +89,8 @@ def test_too_few_classes_for_the_batch_says_what_would_work(tmp_path, capsys):
                             "--no-progress", "--out", str(tmp_path / "o")], "--batch-size 20")
     run_ok(["--data", "synthetic", "--num-classes", "10", "--image-size", "16", "--max-steps", "1", "--no-progress",
             "--batch-size", "20", "--workers", "0", "--out", str(tmp_path / "o2")])
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--epochs", "--lr", "--image-size"])
+def test_zero_is_refused_not_replaced_by_the_default(tmp_path, capsys, flag):
+    one_line_error(capsys, TINY + [flag, "0", "--out", str(tmp_path / "o")], flag)

@@ -13,13 +13,7 @@ from fastmcl import evaluate, train
 METHODS = {"pcl": [], "lmcl": ["--meta-mode", "off"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second one spin-waits and makes each forward 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

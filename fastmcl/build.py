@@ -42,8 +42,9 @@ class Networks:
     ema: EmaCohort | None
 
 
-def build_networks(cfg: TrainConfig, num_classes: int, num_samples: int) -> Networks:
-    """Cohort, objective and EMA copy for a resolved config, on the CPU, freshly initialised."""
+def build_networks(cfg: TrainConfig, num_classes: int, num_samples: int, *, ema: bool = True) -> Networks:
+    """Cohort, objective and (where the method keeps one and `ema`) EMA copy for a resolved config, on the CPU, freshly
+    initialised. Training takes its EMA copy after the cohort's SyncBN conversion and DDP start instead."""
     bank = bool(cfg.memory_bank)
     needs = get_method(cfg.method).needs_for(bank)
     archs = cfg.members()
@@ -58,8 +59,7 @@ def build_networks(cfg: TrainConfig, num_classes: int, num_samples: int) -> Netw
                              feat_dim=cfg.feat_dim, pos_k=cfg.pos_k, nce_m=cfg.nce_m, kd_T=cfg.kd_T,
                              logit_kd=cfg.logit_kd, backend=cfg.backend, k_chunk=cfg.k_chunk,
                              trunk_dim=cohort.trunk_dim, rampup_epochs=cfg.rampup_epochs)
-    ema = EmaCohort(cohort, cfg.ema_alpha) if needs.ema else None
-    return Networks(cohort, objective, ema)
+    return Networks(cohort, objective, EmaCohort(cohort, cfg.ema_alpha) if ema and needs.ema else None)
 
 
 def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
@@ -128,7 +128,7 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
         torch.use_deterministic_algorithms(True)
     data = TrainData(cfg, source, device, m_per_class=cfg.m_per_class if needs.m_per_class else 0,
                      rank=info.rank, world_size=info.world_size, views=len(cfg.members()) if needs.views else 1)
-    nets = build_networks(cfg, data.num_classes, len(data.labels))
+    nets = build_networks(cfg, data.num_classes, len(data.labels), ema=False)
     cohort, objective = nets.cohort.to(device), nets.objective.to(device)
     if cfg.channels_last:
         cohort.to(memory_format=torch.channels_last)
@@ -144,7 +144,7 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(cohort, device_ids=[device.index] if device.type == "cuda" else None)
-    ema = EmaCohort(cohort, cfg.ema_alpha).to(device) if nets.ema is not None else None
+    ema = EmaCohort(cohort, cfg.ema_alpha).to(device) if needs.ema else None
     meta_optimizer, meta = None, None
     if objective.supports_meta and cfg.meta_mode != "off":
         # spec §2.4: the meta-network's own SGD (Nesterov, momentum 0.9, wd), lr on the main schedule

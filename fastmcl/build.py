@@ -56,7 +56,8 @@ def build_networks(cfg: TrainConfig, num_classes: int, num_samples: int, *, ema:
         if cfg.tau is not None and None not in (cfg.alpha, cfg.gamma, cfg.beta, cfg.lam) else None
     objective = build_method(cfg.method, feature_dims=cohort.feature_dims, num_stages=cohort.num_stages,
                              num_classes=num_classes, memory_bank=bank, num_samples=num_samples, weights=weights,
-                             feat_dim=cfg.feat_dim, pos_k=cfg.pos_k, nce_m=cfg.nce_m, kd_T=cfg.kd_T,
+                             feat_dim=cfg.feat_dim, pos_k=cfg.pos_k, nce_m=cfg.nce_m, bank_dtype=cfg.bank_dtype,
+                             kd_T=cfg.kd_T,
                              logit_kd=cfg.logit_kd, backend=cfg.backend, k_chunk=cfg.k_chunk,
                              trunk_dim=cohort.trunk_dim, rampup_epochs=cfg.rampup_epochs)
     return Networks(cohort, objective, EmaCohort(cohort, cfg.ema_alpha) if ema and needs.ema else None)

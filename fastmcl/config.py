@@ -63,6 +63,8 @@ class TrainConfig:
     neg_k: int = _f(8192, "method", "bank negatives per anchor")
     feat_dim: int = _f(128, "method", "embedding size of the projection heads")
     nce_m: float = _f(0.5, "method", "memory-bank momentum")
+    bank_dtype: str = _f("fp32", "method", "memory-bank storage: fp32 | bf16 (bf16 halves the bank's memory and "
+                                          "traffic; the momentum update is computed in fp32: docs/losses.md)")
     logit_kd: bool = _f(False, "method", "MCL: add the mean-logit ensemble KD term (spec §1.4)")
     meta_mode: str = _f("second-order", "method", "L-MCL meta-optimisation of the matching weights: second-order | "
                                                   "first-order | off (off keeps the initial meta-network)")
@@ -167,6 +169,7 @@ class TrainConfig:
         need(0.0 <= self.ema_alpha < 1.0, "ema_alpha", f"must be in [0, 1), got {self.ema_alpha}")
         need(self.schedule in (None, "cosine", "multistep"), "schedule", f"must be cosine or multistep, got {self.schedule!r}")
         need(self.backend in ("auto", "reference", "triton"), "backend", f"must be auto, reference or triton, got {self.backend!r}")
+        need(self.bank_dtype in ("fp32", "bf16"), "bank_dtype", f"must be fp32 or bf16, got {self.bank_dtype!r}")
         need(self.k_chunk is None or self.k_chunk >= 1, "k_chunk", "must be >= 1")
         for name in ("tau", "kd_T"):
             v = getattr(self, name)

@@ -1,9 +1,9 @@
-"""Fused memory-bank contrastive rows (DESIGN.md "Kernels", fusion target 1; spec/lmcl.md §1.3, §4.2).
+"""Fused memory-bank contrastive rows (docs/kernels/bank.md; the contract of docs/losses.md "Contracts").
 
 `bank_rows` has the semantics, shapes and gradients of `fastmcl.losses.cohort_terms.bank_rows_reference`. One pass
 over the gathered bank rows accumulates the softmax statistics and the softmax-weighted sums of those rows that dE is
 made of; backward is a small contraction of the saved sums, without a second gather of the bank. Design, derivation,
-limits and roofline: docs/kernels/bank.md. `launches` returns every kernel launch as data, built by the same code the
+limits and performance model: docs/kernels/bank.md. `launches` returns every kernel launch as data, built by the same code the
 launcher runs, for ahead-of-time compilation.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 import triton
@@ -20,11 +20,11 @@ from torch import Tensor
 
 from .launch import KernelLaunch
 
-__all__ = ["bank_rows", "launches", "ASSUMED_SM_COUNT", "DEFAULT_PRECISION", "MAX_COMBOS"]
+__all__ = ["bank_rows", "launches", "tunings", "beyond_limit", "default_precision", "Tuning", "CONFIG_SPACE",
+           "ASSUMED_SM_COUNT", "MAX_COMBOS"]
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
-DEFAULT_PRECISION = "tf32x3"          # fp32 dots on sm_80+; bf16/fp16 operands go to `tl.dot` natively
 ASSUMED_SM_COUNT = 132                 # the split-K heuristic's SM count where no GPU is asked (interpreter, AOT)
 _ACC_ELEMS = 16384                     # fp32 elements of one program's weighted-sum accumulators
 _TILE_ELEMS = 4096                     # elements of one gathered tile
@@ -34,7 +34,8 @@ MAX_COMBOS = _WEIGHT_ELEMS // (2 * _MIN_BLOCK_K)    # padded embeddings × padde
 _SPLIT_TRAFFIC = 10                    # a split's gathered bytes ≥ this × its partial sums' bytes
 _D_CHUNK = 32                          # D columns per step of the logit dot
 _J_BLOCK = 16                          # CE / KL blocks per step of the merge and backward kernels
-_ROW_BLOCK = 16                        # accumulator rows per step of the merge kernel
+_ROW_BLOCK = 16                        # accumulator rows per step of the merge
+_BWD_D_BLOCK, _BWD_WARPS = 16, 8        # backward: D columns and warps per program
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
 _NSTAT = 6                             # per combo: max and sum at τ and at τ·T, positive sum, column-0 logit
@@ -51,18 +52,24 @@ def _pow2(x: int, floor: int = 1) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _bank_pass_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr,
-                      B, K, D, N_ROWS, NE, N_BANKS, K_PER_SPLIT, scale, inv_T,
+def _bank_pass_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, TICKET_ptr, ACC_ptr, ROWS_ptr, STATS_ptr,
+                      CE_U_ptr, CE_M_ptr, CE_VIEW_ptr, KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr,
+                      CE_ptr, KL_ptr,
+                      B, K, D, N_ROWS, NE, N_BANKS, NC, NK, GROUPS, SPLITS, K_PER_SPLIT, POS_K, scale, inv_tau, inv_T,
                       NE_P: tl.constexpr, N_P: tl.constexpr, D_P: tl.constexpr, BLOCK_K: tl.constexpr,
                       NT: tl.constexpr, A1_COLS: tl.constexpr, D_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
-                      NATIVE_DOT: tl.constexpr):
-    """Program (b, split, group): columns [split·K_PER_SPLIT, …) of anchor row b, weighted sums onto the target banks
-    [group·NT, group·NT + NT), over columns k ≥ 1. Writes unnormalised partial sums and online statistics."""
+                      NATIVE_DOT: tl.constexpr, ROW_BLOCK: tl.constexpr, J_BLOCK: tl.constexpr):
+    """Program (b, split, group), launched group fastest then split then row (the groups of one row adjacent, so a
+    row's gathered bank rows are read from DRAM once and from L2 by the other groups): columns
+    [split·K_PER_SPLIT, …) of anchor row b, weighted sums onto the target banks [group·NT, group·NT + NT), over
+    columns k ≥ 1. Writes unnormalised partial sums and online statistics; the last program of row b to finish (a
+    ticket per row) merges them (docs/kernels/bank.md "Kernels")."""
     C: tl.constexpr = N_P * NE_P
     ROWS: tl.constexpr = C + N_P * C
-    b = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    grp = tl.program_id(2)
+    pid = tl.program_id(0)
+    grp = pid % GROUPS
+    split = (pid // GROUPS) % SPLITS
+    b = (pid // (GROUPS * SPLITS)).to(tl.int64)
     offs_u = tl.arange(0, NE_P)
     offs_dc = tl.arange(0, D_CHUNK)
     offs_k = tl.arange(0, BLOCK_K)
@@ -76,6 +83,7 @@ def _bank_pass_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr,
     d_i = ii % D_P
     tgt_off = tgt_i.to(tl.int64) * N_ROWS * D + d_i
     tgt_ok = (tgt_i < N_BANKS) & (d_i < D)
+    idx_row = IDX_ptr + b * K
 
     m1 = tl.full([NE_P, N_P], float("-inf"), tl.float32)          # online statistics per combo (embedding, bank)
     l1 = tl.zeros([NE_P, N_P], tl.float32)
@@ -86,15 +94,15 @@ def _bank_pass_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr,
     for k0 in range(k_begin, k_end, BLOCK_K):
         kcol = k0 + offs_k
         col_ok = kcol < k_end
-        kk = k0 + jj % BLOCK_K
+        # the tile's indices, loaded once; the logit dot's columns are the same indices for every bank
+        cols = tl.load(idx_row + kcol, mask=col_ok, other=0).to(tl.int64)
+        rows = tl.reshape(tl.broadcast_to(cols[None, :], (N_P, BLOCK_K)), (N_P * BLOCK_K,))
+        row_ok = tl.reshape(tl.broadcast_to(col_ok[None, :], (N_P, BLOCK_K)), (N_P * BLOCK_K,)) & bank_ok
         # the target banks' rows of the tile, whole and transposed [NT·D_P, BK]: one load with every row in flight
-        cols = tl.load(IDX_ptr + b * K + kcol, mask=col_ok, other=0).to(tl.int64)
         Rt = tl.load(BANK_ptr + tgt_off[:, None] + cols[None, :] * D, mask=tgt_ok[:, None] & col_ok[None, :],
                      other=0.0).to(tl.float32)
-        rows = tl.load(IDX_ptr + b * K + kk, mask=kk < k_end, other=0).to(tl.int64)
-        row_ok = (kk < k_end) & bank_ok
-        # logits [NE_P, N_P·BK] of every bank's rows (for the target banks an L1 re-read of the load above),
-        # contracted over D in chunks: a dot operand holds its whole K extent in registers (twice at tf32x3)
+        # logits [NE_P, N_P·BK] of every bank's rows (the target banks' an L1 re-read of the load above), contracted
+        # over D in chunks (unrolled: the K loop stays the innermost loop, which the pipeliner can run ahead)
         s = tl.zeros([NE_P, N_P * BLOCK_K], tl.float32)
         for d0 in range(0, D_P, D_CHUNK):
             dd = d0 + offs_dc
@@ -145,6 +153,14 @@ def _bank_pass_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr,
     else:
         tl.store(acc + cc[None, :] * D_P, acc1, mask=(cc // NE_P)[None, :] == tgt_i[:, None])
     tl.store(acc + (C + tgt_i[:, None] * C + cc[None, :]) * D_P, accT)
+    # every thread's stores above come before the ticket; the ticket's acquire makes the others' visible to the last
+    tl.debug_barrier()
+    ticket = tl.atomic_add(TICKET_ptr + b, 1, sem="acq_rel")
+    if ticket == GROUPS * SPLITS - 1:
+        _merge_row(b, E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, ACC_ptr, ROWS_ptr, STATS_ptr,
+                   CE_U_ptr, CE_M_ptr, CE_VIEW_ptr, KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr,
+                   CE_ptr, KL_ptr, B, K, D, N_ROWS, NE, N_BANKS, NC, NK, SPLITS, POS_K, scale, inv_tau, inv_T,
+                   NE_P, N_P, D_P, ROW_BLOCK, J_BLOCK)
 
 
 @triton.jit
@@ -159,18 +175,27 @@ def _full_set(M, Z, y0):
 
 
 @triton.jit
-def _bank_merge_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, ACC_ptr, ROWS_ptr, STATS_ptr,
-                       CE_U_ptr, CE_M_ptr, CE_VIEW_ptr, KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr,
-                       CE_ptr, KL_ptr,
-                       B, K, D, N_ROWS, NE, N_BANKS, NC, NK, SPLITS, POS_K, scale, inv_tau, inv_T,
-                       NE_P: tl.constexpr, N_P: tl.constexpr, D_P: tl.constexpr, ROW_BLOCK: tl.constexpr,
-                       J_BLOCK: tl.constexpr):
-    """Program b: merges the splits (flash-decoding), normalises the weighted sums, adds column 0 and the positives
+def _kl_blocks(KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr, j, jm, NE_P: tl.constexpr):
+    """KL blocks j (masked by jm): student and teacher embedding and bank, view flag, student and teacher combo."""
+    su = tl.load(KL_SU_ptr + j, mask=jm, other=0).to(tl.int32)
+    sm = tl.load(KL_SM_ptr + j, mask=jm, other=0).to(tl.int32)
+    tu = tl.load(KL_TU_ptr + j, mask=jm, other=0).to(tl.int32)
+    tm = tl.load(KL_TM_ptr + j, mask=jm, other=0).to(tl.int32)
+    view = tl.load(KL_VIEW_ptr + j, mask=jm, other=0) != 0
+    return su, sm, tu, tm, view, sm * NE_P + su, tm * NE_P + tu
+
+
+@triton.jit
+def _merge_row(b, E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, ACC_ptr, ROWS_ptr, STATS_ptr,
+               CE_U_ptr, CE_M_ptr, CE_VIEW_ptr, KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr,
+               CE_ptr, KL_ptr, B, K, D, N_ROWS, NE, N_BANKS, NC, NK, SPLITS, POS_K, scale, inv_tau, inv_T,
+               NE_P: tl.constexpr, N_P: tl.constexpr, D_P: tl.constexpr, ROW_BLOCK: tl.constexpr,
+               J_BLOCK: tl.constexpr):
+    """Row b: merges the splits (flash-decoding), normalises the weighted sums, adds column 0 and the positives
     (1 + pos_k rows per bank), writes the ce and kl rows and what backward needs."""
     C: tl.constexpr = N_P * NE_P
     ROWS: tl.constexpr = C + N_P * C
     LN2: tl.constexpr = 0.6931471805599453
-    b = tl.program_id(0).to(tl.int64)
     cc = tl.arange(0, C)
     offs_d = tl.arange(0, D_P)
     offs_u = tl.arange(0, NE_P)
@@ -180,28 +205,36 @@ def _bank_merge_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, ACC_ptr, R
     M1 = tl.full([C], float("-inf"), tl.float32)
     MT = tl.full([C], float("-inf"), tl.float32)
     for s in range(SPLITS):
-        M1 = tl.maximum(M1, tl.load(st_b + s * split_stride + cc))
-        MT = tl.maximum(MT, tl.load(st_b + s * split_stride + 2 * C + cc))
+        M1 = tl.maximum(M1, tl.load(st_b + s * split_stride + cc, cache_modifier=".cg"))
+        MT = tl.maximum(MT, tl.load(st_b + s * split_stride + 2 * C + cc, cache_modifier=".cg"))
     Z1 = tl.zeros([C], tl.float32)
     ZT = tl.zeros([C], tl.float32)
     for s in range(SPLITS):
         st = st_b + s * split_stride
-        Z1 += tl.load(st + C + cc) * tl.exp2(tl.load(st + cc) - M1)
-        ZT += tl.load(st + 3 * C + cc) * tl.exp2(tl.load(st + 2 * C + cc) - MT)
+        Z1 += tl.load(st + C + cc, cache_modifier=".cg") * tl.exp2(tl.load(st + cc, cache_modifier=".cg") - M1)
+        ZT += tl.load(st + 3 * C + cc, cache_modifier=".cg") * tl.exp2(
+            tl.load(st + 2 * C + cc, cache_modifier=".cg") - MT)
 
-    # column 0 and the sum of the positives 1..pos_k, per bank; their logits per combo
-    bank_ok = (banks < N_BANKS)[:, None] & (offs_d[None, :] < D)
-    bank_row = banks[:, None].to(tl.int64) * N_ROWS * D + offs_d[None, :]
-    R0 = tl.load(BANK_ptr + bank_row + tl.load(IDX_ptr + b * K).to(tl.int64) * D, mask=bank_ok,
-                 other=0.0).to(tl.float32)
-    RP = tl.zeros([N_P, D_P], tl.float32)
-    for k in range(1, POS_K + 1):
-        RP += tl.load(BANK_ptr + bank_row + tl.load(IDX_ptr + b * K + k).to(tl.int64) * D, mask=bank_ok,
-                      other=0.0).to(tl.float32)
+    # column 0 and the sum of the positives 1..pos_k, bank by bank (saved for backward); their logits per combo
     e = tl.load(E_ptr + offs_u[:, None].to(tl.int64) * B * D + b * D + offs_d[None, :],
                 mask=(offs_u[:, None] < NE) & (offs_d[None, :] < D), other=0.0).to(tl.float32)   # [NE_P, D_P]
-    Y0 = tl.reshape(tl.sum(R0[:, None, :] * e[None, :, :], axis=2), (C,)) * scale
-    POS = tl.reshape(tl.sum(RP[:, None, :] * e[None, :, :], axis=2), (C,)) * scale
+    Y0 = tl.zeros([N_P, NE_P], tl.float32)
+    POS = tl.zeros([N_P, NE_P], tl.float32)
+    dmask = offs_d < D
+    ro = ROWS_ptr + b * (2 * N_P * D_P) + offs_d
+    for mb in range(N_P):
+        row_m = BANK_ptr + mb * N_ROWS * D + offs_d
+        ok = dmask & (mb < N_BANKS)
+        r0 = tl.load(row_m + tl.load(IDX_ptr + b * K).to(tl.int64) * D, mask=ok, other=0.0).to(tl.float32)
+        rp = tl.zeros([D_P], tl.float32)
+        for k in range(1, POS_K + 1):
+            rp += tl.load(row_m + tl.load(IDX_ptr + b * K + k).to(tl.int64) * D, mask=ok, other=0.0).to(tl.float32)
+        tl.store(ro + mb * D_P, r0)
+        tl.store(ro + (N_P + mb) * D_P, rp)
+        Y0 = tl.where(banks[:, None] == mb, tl.sum(e * r0[None, :], axis=1)[None, :], Y0)
+        POS = tl.where(banks[:, None] == mb, tl.sum(e * rp[None, :], axis=1)[None, :], POS)
+    Y0 = tl.reshape(Y0, (C,)) * scale
+    POS = tl.reshape(POS, (C,)) * scale
     out = STATS_ptr + b * (6 * C) + cc
     tl.store(out, M1)
     tl.store(out + C, Z1)
@@ -209,9 +242,6 @@ def _bank_merge_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, ACC_ptr, R
     tl.store(out + 3 * C, ZT)
     tl.store(out + 4 * C, POS)
     tl.store(out + 5 * C, Y0)
-    ro = ROWS_ptr + b * (2 * N_P * D_P) + banks[:, None] * D_P + offs_d[None, :]
-    tl.store(ro, R0)
-    tl.store(ro + N_P * D_P, RP)
 
     # weighted sums: Σ_s acc_s · 2^(m_s − M) / Z, row by row (row r belongs to combo r mod C)
     n_rows = C + N_BANKS * C
@@ -222,15 +252,16 @@ def _bank_merge_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, ACC_ptr, R
         kind = tl.where(r < C, 0, 2)
         M = tl.full([ROW_BLOCK], float("-inf"), tl.float32)
         for s in range(SPLITS):
-            M = tl.maximum(M, tl.load(st_b + s * split_stride + kind * C + src, mask=rmask, other=0.0))
+            M = tl.maximum(M, tl.load(st_b + s * split_stride + kind * C + src, mask=rmask, other=0.0,
+                                      cache_modifier=".cg"))
         Z = tl.zeros([ROW_BLOCK], tl.float32)
         acc = tl.zeros([ROW_BLOCK, D_P], tl.float32)
         for s in range(SPLITS):
             st = st_b + s * split_stride
-            w = tl.exp2(tl.load(st + kind * C + src, mask=rmask, other=0.0) - M)
-            Z += tl.load(st + (kind + 1) * C + src, mask=rmask, other=1.0) * w
+            w = tl.exp2(tl.load(st + kind * C + src, mask=rmask, other=0.0, cache_modifier=".cg") - M)
+            Z += tl.load(st + (kind + 1) * C + src, mask=rmask, other=1.0, cache_modifier=".cg") * w
             part = tl.load(PACC_ptr + (s * B + b) * (ROWS * D_P) + r[:, None] * D_P + offs_d[None, :],
-                           mask=rmask[:, None], other=0.0)
+                           mask=rmask[:, None], other=0.0, cache_modifier=".cg")
             acc += part * w[:, None]
         tl.store(ACC_ptr + b * (ROWS * D_P) + r[:, None] * D_P + offs_d[None, :], acc / Z[:, None],
                  mask=rmask[:, None])
@@ -260,13 +291,8 @@ def _bank_merge_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, ACC_ptr, R
     for j0 in range(0, NK, J_BLOCK):
         j = j0 + tl.arange(0, J_BLOCK)
         jm = j < NK
-        su = tl.load(KL_SU_ptr + j, mask=jm, other=0).to(tl.int32)
-        sm = tl.load(KL_SM_ptr + j, mask=jm, other=0).to(tl.int32)
-        tu = tl.load(KL_TU_ptr + j, mask=jm, other=0).to(tl.int32)
-        tm = tl.load(KL_TM_ptr + j, mask=jm, other=0).to(tl.int32)
-        view = tl.load(KL_VIEW_ptr + j, mask=jm, other=0) != 0
-        cs = sm * NE_P + su
-        ct = tm * NE_P + tu
+        su, sm, tu, tm, view, cs, ct = _kl_blocks(KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr, j, jm,
+                                                  NE_P)
         ms = tl.load(st + 2 * C + cs)
         zs = tl.load(st + 3 * C + cs)
         mt = tl.load(st + 2 * C + ct)
@@ -290,71 +316,129 @@ def _bank_merge_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, ACC_ptr, R
         kl = ft * cross + p0t * (qt - qs) * LN2 - LN2 * ((mt - ms) + tl.log2(zt / zs))
         tl.store(KL_ptr + j.to(tl.int64) * B + b, kl, mask=jm)
 
-
 @triton.jit
 def _bank_bwd_kernel(ACC_ptr, ROWS_ptr, STATS_ptr, G_CE_ptr, G_KL_ptr, DE_ptr,
                      CE_U_ptr, CE_M_ptr, CE_VIEW_ptr, KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr,
                      B, D, NE, NC, NK, POS_K, inv_tau, inv_T,
-                     NE_P: tl.constexpr, N_P: tl.constexpr, D_P: tl.constexpr, J_BLOCK: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """Program b: dE[:, b] = Σ over CE and KL blocks of (upstream gradient × saved weighted sums) / τ."""
+                     NE_P: tl.constexpr, N_P: tl.constexpr, D_P: tl.constexpr, D_BLOCK: tl.constexpr,
+                     J_BLOCK: tl.constexpr):
+    """Program (b, u, D block), D blocks fastest: dE[u, b, block] = Σ over the CE and KL blocks anchored at u of
+    (upstream gradient × saved weighted sums) / τ, in fp32 FMA (no tensor core, so no TF32 rounding of dE)."""
     C: tl.constexpr = N_P * NE_P
     ROWS: tl.constexpr = C + N_P * C
-    b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.arange(0, D_P)
-    offs_u = tl.arange(0, NE_P)
+    N_DB: tl.constexpr = D_P // D_BLOCK
+    pid = tl.program_id(0)
+    offs_d = (pid % N_DB) * D_BLOCK + tl.arange(0, D_BLOCK)
+    anchor = (pid // N_DB) % NE
+    b = (pid // (N_DB * NE)).to(tl.int64)
     st = STATS_ptr + b * (6 * C)
     accb = ACC_ptr + b * (ROWS * D_P) + offs_d[None, :]
     rowb = ROWS_ptr + b * (2 * N_P * D_P) + offs_d[None, :]
-    dE = tl.zeros([NE_P, D_P], tl.float32)
+    dE = tl.zeros([D_BLOCK], tl.float32)
     for j0 in range(0, NC, J_BLOCK):
         j = j0 + tl.arange(0, J_BLOCK)
-        jm = j < NC
-        u = tl.load(CE_U_ptr + j, mask=jm, other=0).to(tl.int32)
+        u = tl.load(CE_U_ptr + j, mask=j < NC, other=-1).to(tl.int32)
+        jm = u == anchor
         m = tl.load(CE_M_ptr + j, mask=jm, other=0).to(tl.int32)
         view = tl.load(CE_VIEW_ptr + j, mask=jm, other=0) != 0
         g = tl.load(G_CE_ptr + j.to(tl.int64) * B + b, mask=jm, other=0.0).to(tl.float32)
         c = m * NE_P + u
-        _, _, f, p0 = _full_set(tl.load(st + c), tl.load(st + C + c), tl.load(st + 5 * C + c))
+        _, _, f, p0 = _full_set(tl.load(st + c, mask=jm, other=0.0), tl.load(st + C + c, mask=jm, other=1.0),
+                                tl.load(st + 5 * C + c, mask=jm, other=0.0))
         a_s = g * tl.where(view, 1.0, f)
         a_0 = tl.where(view, 0.0, g * (p0 - 1.0 / (POS_K + 1)))
         a_p = -g / tl.where(view, POS_K, POS_K + 1)
-        V = (a_s[:, None] * tl.load(accb + c[:, None] * D_P)
-             + a_0[:, None] * tl.load(rowb + m[:, None] * D_P)
-             + a_p[:, None] * tl.load(rowb + (N_P + m)[:, None] * D_P))
-        route = tl.where((offs_u[:, None] == u[None, :]) & jm[None, :], 1.0, 0.0)         # [NE_P, J_BLOCK]
-        dE = tl.dot(route, V, dE, input_precision=PRECISION)
+        jm2 = jm[:, None]
+        V = (a_s[:, None] * tl.load(accb + c[:, None] * D_P, mask=jm2, other=0.0)
+             + a_0[:, None] * tl.load(rowb + m[:, None] * D_P, mask=jm2, other=0.0)
+             + a_p[:, None] * tl.load(rowb + (N_P + m)[:, None] * D_P, mask=jm2, other=0.0))
+        dE += tl.sum(V, axis=0)
     for j0 in range(0, NK, J_BLOCK):
         j = j0 + tl.arange(0, J_BLOCK)
-        jm = j < NK
-        su = tl.load(KL_SU_ptr + j, mask=jm, other=0).to(tl.int32)
-        sm = tl.load(KL_SM_ptr + j, mask=jm, other=0).to(tl.int32)
-        tu = tl.load(KL_TU_ptr + j, mask=jm, other=0).to(tl.int32)
-        tm = tl.load(KL_TM_ptr + j, mask=jm, other=0).to(tl.int32)
-        view = tl.load(KL_VIEW_ptr + j, mask=jm, other=0) != 0
+        su0 = tl.load(KL_SU_ptr + j, mask=j < NK, other=-1).to(tl.int32)
+        jm = su0 == anchor
+        su, sm, tu, tm, view, cs, ct = _kl_blocks(KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr, j, jm,
+                                                  NE_P)
         h = tl.load(G_KL_ptr + j.to(tl.int64) * B + b, mask=jm, other=0.0).to(tl.float32) * inv_T
-        cs = sm * NE_P + su
-        ct = tm * NE_P + tu
-        _, _, fs, p0s = _full_set(tl.load(st + 2 * C + cs), tl.load(st + 3 * C + cs),
-                                  tl.load(st + 5 * C + cs) * inv_T)
-        _, _, ft, p0t = _full_set(tl.load(st + 2 * C + ct), tl.load(st + 3 * C + ct),
-                                  tl.load(st + 5 * C + ct) * inv_T)
+        _, _, fs, p0s = _full_set(tl.load(st + 2 * C + cs, mask=jm, other=0.0),
+                                  tl.load(st + 3 * C + cs, mask=jm, other=1.0),
+                                  tl.load(st + 5 * C + cs, mask=jm, other=0.0) * inv_T)
+        _, _, ft, p0t = _full_set(tl.load(st + 2 * C + ct, mask=jm, other=0.0),
+                                  tl.load(st + 3 * C + ct, mask=jm, other=1.0),
+                                  tl.load(st + 5 * C + ct, mask=jm, other=0.0) * inv_T)
         fs = tl.where(view, 1.0, fs)
         ft = tl.where(view, 1.0, ft)
         d0 = tl.where(view, 0.0, p0s - p0t)
-        V = ((h * fs)[:, None] * tl.load(accb + (C + sm * C + cs)[:, None] * D_P)
-             - (h * ft)[:, None] * tl.load(accb + (C + sm * C + ct)[:, None] * D_P)
-             + (h * d0)[:, None] * tl.load(rowb + sm[:, None] * D_P))
-        route = tl.where((offs_u[:, None] == su[None, :]) & jm[None, :], 1.0, 0.0)
-        dE = tl.dot(route, V, dE, input_precision=PRECISION)
-    ptrs = DE_ptr + offs_u[:, None].to(tl.int64) * B * D + b * D + offs_d[None, :]
-    tl.store(ptrs, dE * inv_tau, mask=(offs_u[:, None] < NE) & (offs_d[None, :] < D))
+        jm2 = jm[:, None]
+        V = ((h * fs)[:, None] * tl.load(accb + (C + sm * C + cs)[:, None] * D_P, mask=jm2, other=0.0)
+             - (h * ft)[:, None] * tl.load(accb + (C + sm * C + ct)[:, None] * D_P, mask=jm2, other=0.0)
+             + (h * d0)[:, None] * tl.load(rowb + sm[:, None] * D_P, mask=jm2, other=0.0))
+        dE += tl.sum(V, axis=0)
+    tl.store(DE_ptr + anchor.to(tl.int64) * B * D + b * D + offs_d, dE * inv_tau, mask=offs_d < D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launch configuration: one function decides block sizes, groups, splits, warps and stages; the launcher and
 # `launches` both read it.
 # ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tuning:
+    """One point of the configuration space: the pass kernel's warps, software-pipeline stages, tile width along K
+    (0: the widest the tile budgets allow), the accumulator budget that sets the target banks per program, and the
+    resident blocks per SM it compiles to (what the split heuristic fills; the readiness test checks the compile)."""
+    num_warps: int
+    num_stages: int
+    block_k: int
+    acc_elems: int
+    blocks_per_sm: int
+
+
+# (arch major, bank bytes, fp32 dot precision) → ((largest padded combo count, largest row count, candidates best
+# first), ...). The first candidate is the one the performance model ranks best (docs/kernels/performance_model.md,
+# benchmarks/results/bank_model.md); every candidate passes the GPU-readiness test and the interpreter tests.
+_FEW, _MANY = 16, MAX_COMBOS                          # ImageNet L-MCL (8 × 2 = 16 combos); 4 × 4 stages, MCL × 8
+_ANY = 1 << 62
+_BIG_PLANS = (_MANY, _ANY, (Tuning(8, 2, 0, 4096, 1),))
+CONFIG_SPACE: dict[tuple[int, int, str], tuple[tuple[int, int, tuple[Tuning, ...]], ...]] = {
+    **{(8, b, "tf32x3"): ((_FEW, _ANY, (Tuning(4, 3, 16, 4096, 2), Tuning(8, 2, 16, 4096, 1))), _BIG_PLANS)
+       for b in (4, 2)},
+    **{(9, b, "tf32x3"): ((_FEW, _ANY, (Tuning(8, 2, 32, 16384, 1), Tuning(8, 2, 16, 4096, 2))), _BIG_PLANS)
+       for b in (4, 2)},
+    **{(a, b, "tf32"): ((_FEW, _ANY, (Tuning(4, 2, 32, 16384, 3), Tuning(4, 2, 16, 4096, 4))), _BIG_PLANS)
+       for a in (8, 9) for b in (4, 2)},
+}
+_FALLBACK = Tuning(8, 2, 0, 4096, 1)                  # older GPUs, "ieee" and the interpreter
+
+
+def tunings(capability: tuple[int, int], bank_dtype: torch.dtype, combos: int, rows: int,
+            precision: str | None = None) -> tuple[Tuning, ...]:
+    """The candidates of the configuration space for a GPU of `capability`, a bank of `bank_dtype`, `combos` padded
+    (embedding, bank) pairs, `rows` anchor rows and the fp32 dots' `precision` (None: `default_precision`)."""
+    key = (min(capability[0], 9), bank_dtype.itemsize, precision or default_precision(capability))
+    for max_combos, max_rows, candidates in CONFIG_SPACE.get(key, ()):
+        if combos <= max_combos and rows <= max_rows:
+            return candidates
+    return (_FALLBACK,)
+
+
+def beyond_limit(NE: int, n: int, D: int) -> str | None:
+    """Why NE embeddings × n banks at width D exceed what one program holds, or None when they fit."""
+    NE_P, N_P, D_P = _pow2(NE), _pow2(n), _pow2(D, floor=16)
+    max_combos = min(_ACC_ELEMS // (2 * D_P), MAX_COMBOS)
+    if NE_P * N_P > max_combos:
+        return (f"{NE} embeddings × {n} banks pad to {NE_P} × {N_P} = {NE_P * N_P} combos, above the {max_combos} "
+                f"one program holds at D = {D} (registers of its accumulators and softmax weights)")
+    return None
+
+
+def default_precision(capability: tuple[int, int]) -> str:
+    """fp32 dots follow `torch.get_float32_matmul_precision()` as Inductor does: "highest" → tf32x3 (fp32-level
+    accuracy on tensor cores), "high" / "medium" → tf32; "ieee" (FMA) below sm_80."""
+    if capability < (8, 0):
+        return "ieee"
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
 
 @dataclass(frozen=True)
 class _Config:
@@ -386,19 +470,21 @@ def _interpreting() -> bool:
 
 def _config(NE: int, n: int, B: int, K: int, D: int, e_dtype: torch.dtype, bank_dtype: torch.dtype,
             precision: str | None, capability: tuple[int, int], sm_count: int, block_k: int = 0,
-            split_k: int = 0) -> _Config:
+            split_k: int = 0, tuning: Tuning | None = None) -> _Config:
     NE_P, N_P, D_P = _pow2(NE), _pow2(n), _pow2(D, floor=16)
     C = NE_P * N_P
-    max_combos = min(_ACC_ELEMS // (2 * D_P), MAX_COMBOS)
-    if C > max_combos:
-        raise ValueError(f"bank_rows kernel: {NE} embeddings × {n} banks pad to {NE_P} × {N_P} = {C} combos, above "
-                         f"the {max_combos} one program holds at D = {D} (registers of its accumulators and softmax "
-                         f"weights); use the reference backend")
-    # target banks per program: as many as keep the accumulators 2 × [NT·D_P, C] within budget
+    if beyond := beyond_limit(NE, n, D):
+        raise ValueError(f"bank_rows kernel: {beyond}; use the reference backend")
+    if precision is None:
+        precision = default_precision(capability)
+    if precision not in _PRECISIONS:
+        raise ValueError(f"input_precision must be one of {_PRECISIONS}, got {precision!r}")
+    tuning = tuning or tunings(capability, bank_dtype, C, B, precision)[0]
+    # target banks per program: as many as keep the accumulators 2 × [NT·D_P, C] within the tuning's budget
     NT = N_P
-    while NT > 1 and 2 * NT * D_P * C > _ACC_ELEMS:
+    while NT > 1 and 2 * NT * D_P * C > tuning.acc_elems:
         NT //= 2
-    bk = _MAX_BLOCK_K
+    bk = tuning.block_k or _MAX_BLOCK_K
     while bk > _MIN_BLOCK_K and (N_P * bk * min(D_P, _D_CHUNK) > _TILE_ELEMS or NT * bk * D_P > _TILE_ELEMS
                                  or 2 * C * bk > _WEIGHT_ELEMS):
         bk //= 2
@@ -409,65 +495,59 @@ def _config(NE: int, n: int, B: int, K: int, D: int, e_dtype: torch.dtype, bank_
     groups = triton.cdiv(n, NT)
     if split_k:
         splits = split_k
-    else:                   # flash-decoding split: fill two programs per SM with splits at least 4 tiles long whose
-        # partial sums (written and read back: 2 · rows · D_P fp32) stay under a tenth of the bank rows they gather
+    else:                   # flash-decoding split: fill every resident block slot of every SM at least once, with
+        # splits at least 4 tiles long whose partial sums (written and read back: 2 · rows · D_P fp32) stay under a
+        # tenth of the bank rows they gather
         min_k = max(4 * bk, _SPLIT_TRAFFIC * 2 * (C + N_P * C) * 4 // (n * bank_dtype.itemsize))
         splits = 1
-        while B * groups * splits < 2 * sm_count and K >= 2 * splits * min_k:
+        while B * groups * splits < tuning.blocks_per_sm * sm_count and K >= 2 * splits * min_k:
             splits *= 2
     k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
     splits = triton.cdiv(K, k_per_split)            # no empty split
-    if precision is None:
-        precision = DEFAULT_PRECISION if capability >= (8, 0) else "ieee"
-    if precision not in _PRECISIONS:
-        raise ValueError(f"input_precision must be one of {_PRECISIONS}, got {precision!r}")
     native = e_dtype == bank_dtype and e_dtype != torch.float32 and not _interpreting()
     return _Config(NE_P=NE_P, N_P=N_P, D_P=D_P, BLOCK_K=bk, NT=NT, groups=groups, splits=splits,
                    k_per_split=k_per_split, precision=precision, native_dot=native,
-                   num_warps=8, num_stages=1)
+                   num_warps=tuning.num_warps, num_stages=tuning.num_stages)
 
 
 def _forward_launches(cfg: _Config, E, banks, idx, vecs, pos_k, tau, kd_T, work, outs) -> list[KernelLaunch]:
     NE, B, D = E.shape
     n, N_ROWS = banks.shape[0], banks.shape[1]
     K = idx.shape[1]
-    pstat, pacc = work
+    pstat, pacc, ticket = work
     ce, kl, stats, acc, rows = outs
     pass_ = KernelLaunch.of(
-        "bank.pass", _bank_pass_kernel, (B, cfg.splits, cfg.groups),
-        (E, banks, idx, pstat, pacc, B, K, D, N_ROWS, NE, n, cfg.k_per_split, _LOG2E / tau, 1.0 / kd_T),
+        "bank.pass", _bank_pass_kernel, (B * cfg.splits * cfg.groups,),
+        (E, banks, idx, pstat, pacc, ticket, acc, rows, stats, *vecs, ce, kl, B, K, D, N_ROWS, NE, n, ce.shape[0],
+         kl.shape[0], cfg.groups, cfg.splits, cfg.k_per_split, pos_k, _LOG2E / tau, 1.0 / tau, 1.0 / kd_T),
         dict(NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P, BLOCK_K=cfg.BLOCK_K, NT=cfg.NT,
              A1_COLS=cfg.NE_P if cfg.NT == 1 else cfg.C, D_CHUNK=min(cfg.D_P, _D_CHUNK),
-             PRECISION=cfg.precision,
-             NATIVE_DOT=cfg.native_dot), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    merge = KernelLaunch.of(
-        "bank.merge", _bank_merge_kernel, (B,),
-        (E, banks, idx, pstat, pacc, acc, rows, stats, *vecs, ce, kl, B, K, D, N_ROWS, NE, n, ce.shape[0],
-         kl.shape[0], cfg.splits, pos_k, _LOG2E / tau, 1.0 / tau, 1.0 / kd_T),
-        dict(NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P, ROW_BLOCK=_ROW_BLOCK, J_BLOCK=_J_BLOCK),
-        num_warps=4, num_stages=1)
-    return [pass_, merge]
+             PRECISION=cfg.precision, NATIVE_DOT=cfg.native_dot, ROW_BLOCK=_ROW_BLOCK, J_BLOCK=_J_BLOCK),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, order=("group", "split", "row"))
+    return [pass_]
 
 
 def _backward_launch(cfg: _Config, E, vecs, pos_k, tau, kd_T, saved, g_ce, g_kl, dE) -> KernelLaunch:
     NE, B, D = E.shape
     stats, acc, rows = saved
+    d_block = min(cfg.D_P, _BWD_D_BLOCK)
     return KernelLaunch.of(
-        "bank.backward", _bank_bwd_kernel, (B,),
+        "bank.backward", _bank_bwd_kernel, (B * NE * (cfg.D_P // d_block),),
         (acc, rows, stats, g_ce, g_kl, dE, *vecs, B, D, NE, g_ce.shape[0], g_kl.shape[0], pos_k, 1.0 / tau,
          1.0 / kd_T),
-        dict(NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P, J_BLOCK=_J_BLOCK, PRECISION=cfg.precision),
-        num_warps=8, num_stages=1)
+        dict(NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P, D_BLOCK=d_block, J_BLOCK=_J_BLOCK),
+        num_warps=_BWD_WARPS, num_stages=1, order=("d_block", "embedding", "row"))
 
 
 def _buffers(cfg: _Config, B: int, n_ce: int, n_kl: int, device) -> tuple[tuple, tuple]:
     """(workspace, outputs). Outputs: ce, kl, stats [B, 6, C], normalised sums [B, rows, D_P], rows [B, 2, N_P, D_P]
-    (column 0 and the positives' sum per bank). With one split the pass writes its sums straight into the output."""
+    (column 0 and the positives' sum per bank). With one split the pass writes its sums straight into the output.
+    Workspace: partial statistics and sums per split, and one zeroed ticket per row (the merge's arrival count)."""
     f32 = dict(dtype=torch.float32, device=device)
     outs = (torch.empty(n_ce, B, **f32), torch.empty(n_kl, B, **f32), torch.empty(B, _NSTAT, cfg.C, **f32),
             torch.empty(B, cfg.rows, cfg.D_P, **f32), torch.empty(B, 2, cfg.N_P, cfg.D_P, **f32))
     pacc = outs[3][None] if cfg.splits == 1 else torch.empty(cfg.splits, B, cfg.rows, cfg.D_P, **f32)
-    work = (torch.empty(cfg.splits, B, 4, cfg.C, **f32), pacc)
+    work = (torch.empty(cfg.splits, B, 4, cfg.C, **f32), pacc, torch.zeros(B, dtype=torch.int32, device=device))
     return work, outs
 
 
@@ -475,14 +555,16 @@ def launches(E_shape: tuple[int, int, int], n_banks: int, n_rows: int, K: int, n
              dtype: torch.dtype = torch.float32, bank_dtype: torch.dtype | None = None,
              idx_dtype: torch.dtype = torch.int64, pos_k: int = 1, tau: float = 0.07, kd_T: float = 3.0,
              input_precision: str | None = None, device_capability: tuple[int, int] = (9, 0),
-             sm_count: int = ASSUMED_SM_COUNT, block_k: int = 0, split_k: int = 0) -> list[KernelLaunch]:
+             sm_count: int = ASSUMED_SM_COUNT, block_k: int = 0, split_k: int = 0,
+             tuning: Tuning | None = None) -> list[KernelLaunch]:
     """Every kernel launch of one forward + backward call of `bank_rows` (E of shape `E_shape` and `dtype`, `n_banks`
     banks of `n_rows` rows, idx [B, K], `n_ce` CE and `n_kl` KL blocks) on a GPU of `device_capability` with
-    `sm_count` SMs, as the launcher issues them (the same code path; tensors live on the `meta` device)."""
+    `sm_count` SMs, as the launcher issues them (the same code path; tensors live on the `meta` device). `tuning`:
+    a point of the configuration space (default: the space's first candidate for this GPU, bank dtype and B)."""
     NE, B, D = E_shape
     bank_dtype = bank_dtype or dtype
     cfg = _config(NE, n_banks, B, K, D, dtype, bank_dtype, input_precision, device_capability, sm_count, block_k,
-                  split_k)
+                  split_k, tuning)
     meta = torch.device("meta")
     E = torch.empty(E_shape, dtype=dtype, device=meta)
     banks = torch.empty(n_banks, n_rows, D, dtype=bank_dtype, device=meta)
@@ -508,15 +590,15 @@ def _device_facts(device: torch.device) -> tuple[tuple[int, int], int]:
 
 
 def _device_config(E: Tensor, n_banks: int, bank_dtype: torch.dtype, K: int, input_precision: str, block_k: int,
-                   split_k: int) -> _Config:
+                   split_k: int, tuning: list[int] = ()) -> _Config:
     NE, B, D = E.shape
     capability, sms = _device_facts(E.device)
     return _config(NE, n_banks, B, K, D, E.dtype, bank_dtype, input_precision or None, capability, sms, block_k,
-                   split_k)
+                   split_k, Tuning(*tuning) if tuning else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# custom ops (usable inside torch.compile: DESIGN.md "Kernels")
+# custom ops (usable inside torch.compile: docs/kernels/bank.md "Host side")
 # ----------------------------------------------------------------------------------------------------------------
 
 def _check(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k):
@@ -557,10 +639,10 @@ def _vectors(*vecs: Tensor) -> tuple[Tensor, ...]:
 @torch.library.custom_op("fastmcl::bank_rows", mutates_args=())
 def _bank_rows_op(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_m: Tensor, ce_view: Tensor,
                   kl_su: Tensor, kl_sm: Tensor, kl_tu: Tensor, kl_tm: Tensor, kl_view: Tensor, tau: float,
-                  kd_T: float, pos_k: int, input_precision: str, block_k: int,
-                  split_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  kd_T: float, pos_k: int, input_precision: str, block_k: int, split_k: int,
+                  tuning: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k)
-    cfg = _device_config(E, banks.shape[0], banks.dtype, idx.shape[1], input_precision, block_k, split_k)
+    cfg = _device_config(E, banks.shape[0], banks.dtype, idx.shape[1], input_precision, block_k, split_k, tuning)
     work, outs = _buffers(cfg, E.shape[1], ce_u.shape[0], kl_su.shape[0], E.device)
     if E.shape[1] == 0:
         return outs
@@ -573,11 +655,11 @@ def _bank_rows_op(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_m: Ten
 
 @_bank_rows_op.register_fake
 def _(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k,
-      input_precision, block_k, split_k):
+      input_precision, block_k, split_k, tuning):
     _check(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k)
     NE, B, D = E.shape
     cfg = _config(NE, banks.shape[0], B, idx.shape[1], D, E.dtype, banks.dtype, input_precision or None, (9, 0),
-                  ASSUMED_SM_COUNT, block_k, split_k)              # shapes of the outputs do not depend on the GPU
+                  ASSUMED_SM_COUNT, block_k, split_k, Tuning(*tuning) if tuning else None)   # shapes: GPU-independent
     f32 = dict(dtype=torch.float32)
     return (E.new_empty(ce_u.shape[0], B, **f32), E.new_empty(kl_su.shape[0], B, **f32),
             E.new_empty(B, _NSTAT, cfg.C, **f32), E.new_empty(B, cfg.rows, cfg.D_P, **f32),
@@ -609,7 +691,7 @@ def _(g_ce, g_kl, stats, acc, rows, E, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu,
 
 def _setup_context(ctx, inputs, output):
     (E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k,
-     input_precision, block_k, split_k) = inputs
+     input_precision, block_k, split_k, tuning) = inputs
     # backward reads the saved sums, never the bank or idx (they may change in place after forward)
     ctx.save_for_backward(E, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, *output[2:])
     ctx.scalars = (tau, kd_T, pos_k, input_precision)
@@ -626,7 +708,7 @@ def _backward(ctx, g_ce, g_kl, *_unused):
             g_kl = E.new_zeros(kl_su.shape[0], B, dtype=torch.float32)
         dE = _bank_rows_backward_op(g_ce, g_kl, stats, acc, rows, E, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu,
                                     kl_tm, kl_view, *ctx.scalars)
-    return (dE,) + (None,) * 16
+    return (dE,) + (None,) * 17
 
 
 _bank_rows_op.register_autograd(_backward, setup_context=_setup_context)
@@ -635,15 +717,16 @@ _bank_rows_op.register_autograd(_backward, setup_context=_setup_context)
 def bank_rows(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_m: Tensor, ce_view: Tensor,
               kl_su: Tensor, kl_sm: Tensor, kl_tu: Tensor, kl_tm: Tensor, kl_view: Tensor, tau: float,
               kd_T: float, pos_k: int, *, input_precision: str | None = None, block_k: int = 0,
-              split_k: int = 0) -> tuple[Tensor, Tensor]:
+              split_k: int = 0, tuning: Tuning | None = None) -> tuple[Tensor, Tensor]:
     """Fused `bank_rows_reference`: returns (ce [Nc, B], kl [Nk, B]) in fp32; gradient flows into E only.
 
     E [NE, B, D] fp32/bf16/fp16 (fp64 → TypeError), banks [n, N, D] (detached), idx [B, K] int64/int32 (values in
-    [0, N), not checked here), index vectors int64 (views bool/int). `input_precision` of the fp32 dots: None picks
-    `DEFAULT_PRECISION` on sm_80+ ("ieee" below); "ieee" is fp32-exact. `block_k` (0 = automatic, else a power of
-    two ≥ 8) and `split_k` (0 = automatic, else the number of programs per row along K) override the heuristics.
+    [0, N), not checked here), index vectors int64 (views bool/int). `input_precision` of the fp32 dots: None follows
+    `torch.get_float32_matmul_precision()` (`default_precision`); "ieee" is fp32-exact. `block_k` (0 = automatic,
+    else a power of two ≥ 8) and `split_k` (0 = automatic, else the number of programs per row along K) override the heuristics;
+    `tuning` picks a point of `CONFIG_SPACE` (default: its first candidate for the GPU, bank dtype and B).
     """
     ce, kl, *_ = _bank_rows_op(E, banks.detach(), idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view,
                                float(tau), float(kd_T), int(pos_k), input_precision or "", int(block_k),
-                               int(split_k))
+                               int(split_k), list(astuple(tuning)) if tuning else [])
     return ce, kl

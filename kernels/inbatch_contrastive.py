@@ -1,4 +1,4 @@
-"""Fused in-batch contrastive rows (spec/lmcl.md §1.2, §4.1): every distinct logit block of a step in two launches.
+"""Fused in-batch contrastive rows (docs/kernels/inbatch.md; the contract of docs/losses.md "Contracts"): every distinct logit block of a step in two launches.
 
 Contract: `fastmcl.losses.cohort_terms.inbatch_rows_reference` (same arguments, values and gradients).
 
@@ -180,7 +180,7 @@ def _kl_fwd_kernel(E, kl_su, kl_sv, kl_tu, kl_tv, kl_out, stats, Nc, Nb, B, D, i
         z_t = z_t * alpha + tl.sum(p_t, axis=1)
         cross = cross * alpha + tl.sum(p_t * (t - s), axis=1)
         m_t = mt_new
-    # centred form (DESIGN.md "Kernels"); lse_t − lse_s taken as (m_t − m_s) + log(z_t / z_s), which avoids
+    # centred form (docs/losses.md "Contracts"); lse_t − lse_s taken as (m_t − m_s) + log(z_t / z_s), which avoids
     # subtracting two ~log(B)-sized numbers
     row = cross / z_t - ((m_t - m_s) + tl.log(z_t / z_s))
     tl.store(kl_out + k * B + rm, row, mask=mm)

@@ -26,10 +26,11 @@ class KernelLaunch:
     grid: tuple = ()
     attrs: dict = field(default_factory=dict)
     args: tuple = ()
+    order: tuple = ()           # what the program id enumerates, fastest-varying first (e.g. ("group", "split", "row"))
 
     @classmethod
     def of(cls, name: str, fn, grid: tuple, args: tuple, constexprs: dict, *, num_warps: int,
-           num_stages: int) -> KernelLaunch:
+           num_stages: int, order: tuple = ()) -> KernelLaunch:
         """The launch of `fn[grid](*args, **constexprs)`, specialised exactly as Triton's launcher specialises it
         (Triton's own `native_specialize_impl`): an int equal to 1 becomes a constexpr, an int divisible by 16 and a
         pointer aligned to 16 bytes get `tt.divisibility = 16`. Tensors may live on the `meta` device (shape and
@@ -48,7 +49,8 @@ class KernelLaunch:
             elif isinstance(spec, str) and spec:
                 attrs[(i,)] = CUDABackend.parse_attr(spec)
         return cls(name=name, fn=fn, signature=signature, constexprs={**constexprs, **specialised},
-                   num_warps=num_warps, num_stages=num_stages, grid=tuple(grid), attrs=attrs, args=tuple(args))
+                   num_warps=num_warps, num_stages=num_stages, grid=tuple(grid), attrs=attrs, args=tuple(args),
+                   order=tuple(order))
 
     def launch(self) -> None:
         """Issue the kernel on its runtime arguments (Triton re-derives the same specialisation)."""

@@ -3,12 +3,17 @@ ahead of time for sm_80 (A100) and sm_90 (H100/H200) with the bundled ptxas (`te
 
 For each scenario (plan, batch, dtype) and target, every kernel of one forward + backward call must compile, fit the
 target's per-block shared memory, spill no registers and, if it has a `tl.dot`, run it on tensor cores at the
-default precision. Results are cached under `.cache/aot/` by kernel source hash and launch configuration (cold: a
+default precision. For the ImageNet bank scenarios (32 and 256 rows per GPU) the bank kernels must also keep the GPU
+busy (docs/kernels/performance_model.md): the pass that gathers from the bank hides latency (≥ 16 resident warps
+per SM, or a software pipeline with asynchronous copies); every bank kernel's grid fills every resident block slot
+of every SM at least once; a row's target-bank groups are adjacent in launch order. Every point of the
+configuration space compiles and fits too. Results are cached under `.cache/aot/` by kernel source hash and launch configuration (cold: a
 few minutes on 2 cores; warm: seconds). How it works: docs/kernels/gpu_readiness.md. The full sweep over more plans, batches and dtypes: `benchmarks/aot_sweep.py`.
 """
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -23,7 +28,6 @@ from triton.runtime.jit import create_function_from_signature
 from fastmcl.kernels import inbatch_contrastive
 from fastmcl.kernels.launch import KernelLaunch
 from fastmcl.losses import lmcl_plan, mcl_plan
-from fastmcl.losses.cohort_terms import _plan_indices
 from support.aot import TARGETS, DoesNotFit, compile_launches
 
 pytestmark = pytest.mark.slow
@@ -55,7 +59,7 @@ INBATCH_IDX = ("ce_u", "ce_v", "kl_su", "kl_sv", "kl_tu", "kl_tv")
 
 def inbatch_launches(plan, B: int, dtype: torch.dtype, cc: int = 90) -> list[KernelLaunch]:
     """The in-batch op's launches (its configuration does not depend on the target `cc`)."""
-    ix = _plan_indices(plan, CPU)
+    ix = plan.index_tables(CPU)
     E = torch.empty((plan.num_embeddings, B, D), dtype=dtype, device=META)
     labels = torch.empty(B, dtype=torch.int64, device=META)
     return inbatch_contrastive.launches(E, labels, *(ix[k] for k in INBATCH_IDX), 0.1, 3.0)
@@ -65,12 +69,36 @@ def bank_module():
     return importlib.import_module("fastmcl.kernels.bank_contrastive")
 
 
-def bank_launches(plan, B: int, dtype: torch.dtype, cc: int) -> list[KernelLaunch]:
+def bank_launches(plan, B: int, dtype: torch.dtype, cc: int, tuning=None, precision=None) -> list[KernelLaunch]:
     """The bank op's launches for the arguments `cohort_bank_contrastive_terms` passes it, on a GPU of capability
-    `cc` with that GPU's SM count (the bank op splits K by it)."""
+    `cc` with that GPU's SM count (the bank op splits K by it); `tuning`: a point of the configuration space for the
+    fp32 dots' `precision` (None: the default, torch's "highest" → tf32x3)."""
     return bank_module().launches((plan.num_embeddings, B, D), max(plan.net_of) + 1, BANK_N, BANK_K,
                                   len(plan.ce_blocks), len(plan.kl_blocks), dtype=dtype, pos_k=1, tau=0.07, kd_T=3.0,
-                                  device_capability=divmod(cc, 10), sm_count=SM_COUNT[cc])
+                                  device_capability=divmod(cc, 10), sm_count=SM_COUNT[cc], tuning=tuning,
+                                  input_precision=precision)
+
+
+PRECISIONS = ("tf32x3", "tf32")      # torch's "highest" (the default) and "high"
+
+
+def space_cases() -> list[tuple[str, str, int, str, int]]:
+    """(scenario, dtype name, cc, precision, candidate number) for every configuration-space point a bank scenario
+    can use besides the default one (which `cases()` covers)."""
+    out = []
+    for name, plan, B in BANK_SCENARIOS:
+        p = plan()
+        combos = triton_pow2(p.num_embeddings) * triton_pow2(max(p.net_of) + 1)
+        for dtype_name, dtype in DTYPES.items():
+            for cc in TARGETS:
+                for prec in PRECISIONS:
+                    n = len(bank_module().tunings(divmod(cc, 10), dtype, combos, B, prec))
+                    out += [(name, dtype_name, cc, prec, i) for i in range(int(prec == PRECISIONS[0]), n)]
+    return out
+
+
+def triton_pow2(x: int) -> int:
+    return 1 << (x - 1).bit_length()
 
 
 def bank_missing_reason() -> str | None:
@@ -115,9 +143,24 @@ def compiled() -> dict:
         for launch in launches:
             keys.append(case)
             pairs.append((launch, case[3]))
+    for name, dtype_name, cc, prec, i in space_cases():
+        _, plan, B = next(s for s in BANK_SCENARIOS if s[0] == name)
+        p = plan()
+        combos = triton_pow2(p.num_embeddings) * triton_pow2(max(p.net_of) + 1)
+        tuning = bank_module().tunings(divmod(cc, 10), DTYPES[dtype_name], combos, B, prec)[i]
+        for launch in bank_launches(p, B, DTYPES[dtype_name], cc, tuning, prec):
+            keys.append(("space", name, dtype_name, cc, prec, i))
+            pairs.append((launch, cc))
     for key, result in zip(keys, compile_launches(pairs)):
         out.setdefault(key, []).append(result)
     return out
+
+
+def launched(kind, name, dtype_name, cc, compiled) -> list[tuple[KernelLaunch, object]]:
+    results = compiled.get((kind, name, dtype_name, cc))
+    if isinstance(results, Exception):
+        raise results
+    return list(zip(launches_for(kind, name, dtype_name, cc), results))
 
 
 @pytest.mark.parametrize("kind,name,dtype_name,cc", cases())
@@ -132,6 +175,38 @@ def test_kernels_fit_the_gpu(compiled, kind, name, dtype_name, cc):
         assert r.shared <= r.shared_limit, r.describe()
         assert r.spill_stores == 0 and r.spill_loads == 0, r.describe()
         assert r.tensor_cores or not r.dots, f"tl.dot without tensor cores at the default precision: {r.describe()}"
+
+
+IMAGENET = [c for c in cases() if c[0] == "bank" and c[1].startswith("imagenet-")]
+
+
+@pytest.mark.parametrize("kind,name,dtype_name,cc", IMAGENET)
+def test_bank_kernels_keep_the_gpu_busy(compiled, kind, name, dtype_name, cc):
+    """Items the compile alone decides (docs/kernels/performance_model.md): the kernel gathering from the bank hides
+    DRAM latency (≥ 16 resident warps per SM, or num_stages ≥ 2 with cp.async / TMA in its PTX); every kernel's grid
+    has at least one block for every resident block slot of every SM (32 rows per GPU too); the target-bank groups of
+    one row are adjacent in launch order (the fastest-varying part of the program id)."""
+    for launch, r in launched(kind, name, dtype_name, cc, compiled):
+        blocks = math.prod(launch.grid)
+        assert r.resident_blocks >= 1, r.describe()
+        if launch.name == "bank.pass":
+            assert r.resident_warps >= 16 or r.pipelined, (
+                f"{r.describe()}: {r.resident_warps} resident warps per SM, {r.async_copies} async copies")
+            assert launch.order[0] == "group", launch.order
+        assert blocks >= SM_COUNT[cc] * r.resident_blocks, (
+            f"{launch.name} on {r.arch}: grid of {blocks} blocks < {SM_COUNT[cc]} SMs × {r.resident_blocks} resident "
+            f"blocks")
+
+
+@pytest.mark.parametrize("name,dtype_name,cc,prec,i", space_cases())
+def test_every_configuration_of_the_space_fits(compiled, name, dtype_name, cc, prec, i):
+    """Every other candidate of the configuration space (and every candidate for torch's "high" precision, tf32)
+    compiles, fits, does not spill and uses tensor cores: what `tuning=` or a GPU sweep may pick is launchable."""
+    results = compiled[("space", name, dtype_name, cc, prec, i)]
+    for r in results:
+        assert r.shared <= r.shared_limit, r.describe()
+        assert r.spill_stores == 0 and r.spill_loads == 0, r.describe()
+        assert r.tensor_cores or not r.dots, r.describe()
 
 
 def jit_specialisation(launch: KernelLaunch) -> tuple[dict, dict, dict]:

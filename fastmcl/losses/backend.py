@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
 BACKENDS = ("auto", "reference", "triton")
+_NOTICED: set[str] = set()
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None, *,
-                    twice_differentiable: bool = False) -> str:
+                    twice_differentiable: bool = False, bank_shape: tuple[int, int, int] | None = None) -> str:
     """`auto` → `triton` for CUDA tensors when the kernels import, else `reference` (also for fp64, which the kernels
-    do not take, and for the meta phase's twice-differentiated inner loss). `triton` on CPU tensors runs only under
+    do not take, for the meta phase's twice-differentiated inner loss, and — with one notice line — for a bank plan
+    of `bank_shape` = (embeddings, banks, D) beyond the bank kernel's limit). `triton` on CPU tensors runs only under
     `TRITON_INTERPRET=1` (the interpreter, for tests); otherwise it is refused loudly rather than falling back."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -20,10 +23,23 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     ok, why = triton_usable(device)
     if backend == "auto":
         fits = dtype != torch.float64 and not twice_differentiable
-        return "triton" if ok and fits and device.type == "cuda" else "reference"
+        if not (ok and fits and device.type == "cuda"):
+            return "reference"
+        if bank_shape is not None and (beyond := _bank_limit(*bank_shape)):
+            if beyond not in _NOTICED:                 # one line per distinct plan, not one per step
+                _NOTICED.add(beyond)
+                print(f"fastmcl: backend auto uses the reference path for the memory-bank terms: {beyond}",
+                      file=sys.stderr)
+            return "reference"
+        return "triton"
     if not ok:
         raise NotImplementedError(f"backend='triton' cannot run here: {why}; use backend='reference' or 'auto'")
     return "triton"
+
+
+def _bank_limit(num_embeddings: int, num_banks: int, dim: int) -> str | None:
+    from fastmcl.kernels.bank_contrastive import beyond_limit
+    return beyond_limit(num_embeddings, num_banks, dim)
 
 
 def triton_usable(device: torch.device) -> tuple[bool, str]:

@@ -16,35 +16,8 @@ from . import checks
 from .backend import resolve_backend
 from .bank_logits import bank_logits_all
 from .plan import ContrastPlan
+from .plan import index_tables as _plan_indices
 from .rows import ContrastiveTerms, compute_dtype, inbatch_masks, kl_rows, leading_positive_rows, supcon_rows
-
-
-@functools.lru_cache(maxsize=64)
-def _plan_indices(plan: ContrastPlan, device: torch.device) -> dict[str, Tensor]:
-    """Index tensors for one plan on one device (built once; plans are frozen)."""
-    ce_pos = {b: n for n, b in enumerate(plan.ce_blocks)}
-    kl_pos = {b: n for n, b in enumerate(plan.kl_blocks)}
-
-    def t(values):
-        return torch.tensor(values, dtype=torch.long, device=device)
-
-    return {
-        "ce_u": t([b[0] for b in plan.ce_blocks]), "ce_v": t([b[1] for b in plan.ce_blocks]),
-        "kl_su": t([s[0] for s, _ in plan.kl_blocks]), "kl_sv": t([s[1] for s, _ in plan.kl_blocks]),
-        "kl_tu": t([t_[0] for _, t_ in plan.kl_blocks]), "kl_tv": t([t_[1] for _, t_ in plan.kl_blocks]),
-        "ce_term": t([e[0] for e in plan.ce]), "ce_block": t([ce_pos[e[1]] for e in plan.ce]),
-        "ce_row": t([e[2] for e in plan.ce]),
-        "kl_term": t([e[0] for e in plan.kl]), "kl_block": t([kl_pos[(e[1], e[2])] for e in plan.kl]),
-        "kl_row": t([e[3] for e in plan.kl]),
-        "net_of": t(list(plan.net_of)),
-        # bank setting: the bank (network) each block scores against
-        "ce_m": t([plan.net_of[b[1]] for b in plan.ce_blocks]),
-        "kl_sm": t([plan.net_of[s[1]] for s, _ in plan.kl_blocks]),
-        "kl_tm": t([plan.net_of[t_[1]] for _, t_ in plan.kl_blocks]),
-        # bank setting: which distinct blocks are view (same network) or cross blocks
-        "ce_is_view": torch.tensor([plan.is_view_block(b) for b in plan.ce_blocks], dtype=torch.bool, device=device),
-        "kl_is_view": torch.tensor([plan.is_view_block(s) for s, _ in plan.kl_blocks], dtype=torch.bool, device=device),
-    }
 
 
 @functools.lru_cache(maxsize=64)
@@ -183,7 +156,7 @@ def cohort_bank_contrastive_terms(embeddings: list[Tensor], banks: list[Tensor],
     banks = _bank_tensor(banks, n_nets)
     n_rows = checks.check_banks(list(banks.unbind(0)), D, [f"banks[{i}]" for i in range(n_nets)])
     use = resolve_backend(backend, embeddings[0].device, embeddings[0].dtype,
-                          twice_differentiable=student_out is not None)
+                          twice_differentiable=student_out is not None, bank_shape=(len(embeddings), n_nets, D))
     checks.check_index(idx, B, pos_k, n_rows, check_range=use == "reference")   # the fused path never syncs
     if k_chunk is not None and (not isinstance(k_chunk, int) or k_chunk < 1):
         raise ValueError(f"k_chunk must be None or an int >= 1, got {k_chunk!r}")

@@ -2,7 +2,7 @@
 
 Embeddings are numbered flat, u = 0..NE−1, with `net_of[u]` their network. A block (u, v) is the logit matrix with
 anchors e_u and contrasts "of v": in-batch e_v (S = e_u e_vᵀ/τ); with a memory bank, the bank of network net_of[v]
-(so the block depends on v only through its network — spec §4.2, the 128 → 16 deduplication). A block is a *view*
+(so the block depends on v only through its network — docs/losses.md; the 128 → 16 deduplication). A block is a *view*
 block when u and v belong to the same network (VCL; in the bank setting the own column is dropped) and a *cross*
 block otherwise (ICL).
 
@@ -11,7 +11,11 @@ A term entry adds (1/B) Σ_b w[row, b] · stat_b to one of the four terms, where
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
 
 TERMS = ("vcl", "soft_vcl", "icl", "soft_icl")
 VCL, SOFT_VCL, ICL, SOFT_ICL = range(4)
@@ -43,9 +47,43 @@ class ContrastPlan:
     def is_view_block(self, block: Block) -> bool:
         return self.net_of[block[0]] == self.net_of[block[1]]
 
+    def index_tables(self, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        """This plan's index tensors on `device` (`index_tables`)."""
+        return index_tables(self, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def index_tables(plan: ContrastPlan, device: torch.device) -> dict[str, Tensor]:
+    """The plan's index tensors on `device` (built once per plan and device; plans are frozen): block lists
+    (ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv), term entries (ce/kl_term, _block, _row), net_of, the bank of each block
+    (ce_m, kl_sm, kl_tm) and the view flags (ce_is_view, kl_is_view). Also `ContrastPlan.index_tables`."""
+    ce_pos = {b: n for n, b in enumerate(plan.ce_blocks)}
+    kl_pos = {b: n for n, b in enumerate(plan.kl_blocks)}
+
+    def t(values):
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return {
+        "ce_u": t([b[0] for b in plan.ce_blocks]), "ce_v": t([b[1] for b in plan.ce_blocks]),
+        "kl_su": t([s[0] for s, _ in plan.kl_blocks]), "kl_sv": t([s[1] for s, _ in plan.kl_blocks]),
+        "kl_tu": t([t_[0] for _, t_ in plan.kl_blocks]), "kl_tv": t([t_[1] for _, t_ in plan.kl_blocks]),
+        "ce_term": t([e[0] for e in plan.ce]), "ce_block": t([ce_pos[e[1]] for e in plan.ce]),
+        "ce_row": t([e[2] for e in plan.ce]),
+        "kl_term": t([e[0] for e in plan.kl]), "kl_block": t([kl_pos[(e[1], e[2])] for e in plan.kl]),
+        "kl_row": t([e[3] for e in plan.kl]),
+        "net_of": t(list(plan.net_of)),
+        # bank setting: the bank (network) each block scores against
+        "ce_m": t([plan.net_of[b[1]] for b in plan.ce_blocks]),
+        "kl_sm": t([plan.net_of[s[1]] for s, _ in plan.kl_blocks]),
+        "kl_tm": t([plan.net_of[t_[1]] for _, t_ in plan.kl_blocks]),
+        # bank setting: which distinct blocks are view (same network) or cross blocks
+        "ce_is_view": torch.tensor([plan.is_view_block(b) for b in plan.ce_blocks], dtype=torch.bool, device=device),
+        "kl_is_view": torch.tensor([plan.is_view_block(s) for s, _ in plan.kl_blocks], dtype=torch.bool, device=device),
+    }
+
 
 def layer_pairs(num_stages: list[int]) -> list[tuple[int, int, int, int]]:
-    """Every ordered cross-network stage pair (i, k, j, z) in the official loop order (spec §2.2):
+    """Every ordered cross-network stage pair (i, k, j, z) in the official code's loop order (docs/fidelity.md):
     for i, for j ≠ i, for stage k of i, for stage z of j. Its position is the pair's weight row."""
     n = len(num_stages)
     return [(i, k, j, z) for i in range(n) for j in range(n) if i != j
@@ -63,7 +101,7 @@ def flat_index(num_stages: list[int]) -> tuple[dict[tuple[int, int], int], tuple
 
 
 def pair_call_entries(a: int, b: int, row: int):
-    """The four terms of one official pair call on (e_a, e_b) (spec §1.2 / §1.3): both directions of each."""
+    """The four terms of one official pair call on (e_a, e_b) (docs/losses.md): both directions of each."""
     ce = [(ICL, (a, b), row), (ICL, (b, a), row), (VCL, (a, a), row), (VCL, (b, b), row)]
     kl = [(SOFT_ICL, (a, b), (b, a), row), (SOFT_ICL, (b, a), (a, b), row),
           (SOFT_VCL, (a, a), (b, b), row), (SOFT_VCL, (b, b), (a, a), row)]
@@ -71,7 +109,7 @@ def pair_call_entries(a: int, b: int, row: int):
 
 
 def lmcl_plan(num_stages: list[int]) -> ContrastPlan:
-    """L-MCL: one weighted pair call per ordered cross-network stage pair, summed (spec §2.2)."""
+    """L-MCL: one weighted pair call per ordered cross-network stage pair, summed (docs/losses.md)."""
     flat, net_of = flat_index(num_stages)
     ce, kl = [], []
     for row, (i, k, j, z) in enumerate(layer_pairs(num_stages)):
@@ -82,7 +120,7 @@ def lmcl_plan(num_stages: list[int]) -> ContrastPlan:
 
 
 def mcl_plan(num_nets: int) -> ContrastPlan:
-    """MCL with n networks, final layer (spec §1.2 last paragraph): ICL and soft ICL over unordered pairs i < j
+    """MCL with n networks, final layer (docs/losses.md): ICL and soft ICL over unordered pairs i < j
     (both directions), VCL over each network once, soft VCL over all ordered pairs i ≠ j. No weights (row 0 = 1)."""
     ce, kl = [], []
     for i in range(num_nets):

@@ -42,6 +42,7 @@ class MethodContext:
     feat_dim: int = 128
     pos_k: int = 1
     nce_m: float = 0.5
+    bank_dtype: str = "fp32"          # memory-bank storage (fp32 | bf16)
     kd_T: float = 3.0
     logit_kd: bool = False
     backend: str = "reference"

@@ -30,15 +30,16 @@ class ContrastiveObjective(Objective):
         """The keyword arguments MCL and L-MCL share, from the build context."""
         return dict(weights=ctx.weights or ContrastWeights.defaults(cls.name, ctx.memory_bank),
                     memory_bank=ctx.memory_bank, num_samples=ctx.num_samples, feat_dim=ctx.feat_dim, pos_k=ctx.pos_k,
-                    nce_m=ctx.nce_m, backend=ctx.backend, k_chunk=ctx.k_chunk)
+                    nce_m=ctx.nce_m, bank_dtype=ctx.bank_dtype, backend=ctx.backend, k_chunk=ctx.k_chunk)
 
     def __init__(self, plan: ContrastPlan, *, weights: ContrastWeights, memory_bank: bool,
-                 num_samples: int, feat_dim: int, pos_k: int, nce_m: float, backend: str, k_chunk: int | None):
+                 num_samples: int, feat_dim: int, pos_k: int, nce_m: float, backend: str, k_chunk: int | None,
+                 bank_dtype: str = "fp32"):
         super().__init__()
         self.needs = self.needs_for(memory_bank)
         self.w, self.plan = weights, plan
         num_nets = max(plan.net_of) + 1
-        self.memory = MemoryBank(num_nets, num_samples, feat_dim, nce_m) if memory_bank else None
+        self.memory = MemoryBank(num_nets, num_samples, feat_dim, nce_m, dtype=bank_dtype) if memory_bank else None
         self.pos_k, self.backend, self.k_chunk = pos_k, backend, k_chunk
 
     def contrast(self, emb: list[Tensor], labels: Tensor, contrast_idx: Tensor | None,

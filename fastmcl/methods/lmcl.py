@@ -30,10 +30,10 @@ class LMCL(ContrastiveObjective):
     def __init__(self, feature_dims: list[int], num_stages: list[int], num_classes: int, *,
                  weights: ContrastWeights, memory_bank: bool = False, num_samples: int = 0, feat_dim: int = 128,
                  pos_k: int = 1, nce_m: float = 0.5, backend: str = "reference", k_chunk: int | None = None,
-                 meta_proj_dim: int = 128):
+                 meta_proj_dim: int = 128, bank_dtype: str = "fp32"):
         super().__init__(lmcl_plan(list(num_stages)), weights=weights, memory_bank=memory_bank,
                          num_samples=num_samples, feat_dim=feat_dim, pos_k=pos_k, nce_m=nce_m, backend=backend,
-                         k_chunk=k_chunk)
+                         k_chunk=k_chunk, bank_dtype=bank_dtype)
         n = len(feature_dims)
         self.num_stages = list(num_stages)
         # flat position of each network's final-stage embedding (what the memory banks store)

@@ -26,10 +26,10 @@ class MCL(ContrastiveObjective):
     def __init__(self, feature_dims: list[int], *, weights: ContrastWeights, memory_bank: bool = False,
                  num_samples: int = 0, feat_dim: int = 128, pos_k: int = 1, nce_m: float = 0.5,
                  logit_kd: bool = False, detach_ensemble: bool = True, backend: str = "reference",
-                 k_chunk: int | None = None):
+                 k_chunk: int | None = None, bank_dtype: str = "fp32"):
         super().__init__(mcl_plan(len(feature_dims)), weights=weights, memory_bank=memory_bank,
                          num_samples=num_samples, feat_dim=feat_dim, pos_k=pos_k, nce_m=nce_m, backend=backend,
-                         k_chunk=k_chunk)
+                         k_chunk=k_chunk, bank_dtype=bank_dtype)
         self.heads = nn.ModuleList(EmbedHead(d, feat_dim) for d in feature_dims)
         self.logit_kd, self.detach_ensemble = logit_kd, detach_ensemble
 

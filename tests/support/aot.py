@@ -6,7 +6,11 @@ launch and run well on that GPU:
 - `shared`: `compiled.metadata.shared`, the bytes the launcher checks against the device's per-block opt-in limit;
 - `registers`, `spill_stores`, `spill_loads`, `stack`: ptxas' own report (`-v`, printed under TRITON_DUMP_PTXAS_LOG);
 - `mma`: the tensor-core instructions in the PTX (`mma.sync` on sm_80, `wgmma.mma_async` on sm_90), beside `dots`,
-  the `tt.dot` operations of the kernel's Triton IR (a kernel without one has nothing to put on tensor cores).
+  the `tt.dot` operations of the kernel's Triton IR (a kernel without one has nothing to put on tensor cores);
+- `async_copies`: asynchronous copies in the PTX (`cp.async` on sm_80+, TMA `cp.async.bulk` on sm_90);
+- `loops`: the SASS (`cuobjdump -sass` of the cubin, both bundled with the wheel) as its loops: (first, last
+  instruction index) of each backward branch, and `sass_count` the kernel's instructions, for the issue model
+  (`resident_blocks` applies the CUDA occupancy rules: docs/kernels/performance_model.md).
 
 Compiling costs seconds per kernel, so results are cached on disk under `<repo>/.cache/aot/` (git-ignored; override
 with FASTMCL_AOT_CACHE), keyed by the kernel's source hash (Triton's `cache_key`, which covers every `triton.jit`
@@ -23,6 +27,7 @@ import json
 import multiprocessing
 import os
 import re
+import subprocess
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -44,7 +49,12 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _MMA = re.compile(r"^\s*(wgmma\.mma_async|mma\.sync)\S*", re.MULTILINE)
 _TT_DOT = re.compile(r"\btt\.dot\b")
-_RESULT_SCHEMA = 2                  # bump when the cached fields change
+_RESULT_SCHEMA = 3                  # bump when the cached fields change
+_ASYNC = re.compile(r"\bcp\.async\.(?:bulk\.)?(?:cg|ca|tensor|shared)\S*")
+_SASS_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", re.MULTILINE)
+_BRANCH = re.compile(r"\bBRA\b.*?(0x[0-9a-f]+)")
+# per SM: registers, warps, blocks, shared memory (bytes; 1 KB of it reserved per block)
+SM_LIMITS = {80: (65_536, 64, 32, 167_936), 90: (65_536, 64, 32, 233_472)}
 
 
 class DoesNotFit(Exception):
@@ -66,6 +76,27 @@ class Compiled:
     mma: tuple[str, ...]              # distinct tensor-core instruction kinds in the PTX (empty: FMA only)
     dots: int                         # `tt.dot` operations in the kernel's Triton IR (0: nothing for tensor cores)
     compile_s: float                  # seconds the compile took when it was not cached
+    async_copies: int = 0             # cp.async / TMA instructions in the PTX
+    sass_count: int = 0               # SASS instructions of the kernel
+    loops: tuple = ()                 # SASS loops as (first, last) instruction indices, outermost first
+
+    @property
+    def resident_blocks(self) -> int:
+        """Blocks of this kernel one SM holds at once (CUDA occupancy rules: registers allocated per warp in units of
+        256 with registers per thread rounded up to 8, the warp and block limits, shared memory + 1 KB per block)."""
+        regs, max_warps, max_blocks, smem = SM_LIMITS[self.cc]
+        per_warp = -(-(-(-max(self.registers, 1) // 8) * 8) * 32 // 256) * 256
+        by_regs = (regs // per_warp) // self.num_warps
+        return max(0, min(by_regs, max_warps // self.num_warps, max_blocks, smem // (self.shared + 1024)))
+
+    @property
+    def resident_warps(self) -> int:
+        return self.resident_blocks * self.num_warps
+
+    @property
+    def pipelined(self) -> bool:
+        """A software pipeline really issues asynchronous copies: num_stages ≥ 2 and cp.async / TMA in the PTX."""
+        return self.num_stages >= 2 and self.async_copies > 0
 
     @property
     def arch(self) -> str:
@@ -146,17 +177,42 @@ def _compile_job(job: dict) -> dict:
     spills = _PTXAS_SPILLS.search(text)
     if regs is None or spills is None:
         raise RuntimeError(f"no ptxas report for {job['name']} on sm_{job['cc']}:\n{text[-2000:]}")
+    sass = _sass(compiled.asm["cubin"])
     return {"shared": int(compiled.metadata.shared), "registers": int(regs.group(1)),
+            "async_copies": len(_ASYNC.findall(compiled.asm["ptx"])), "sass_count": len(sass),
+            "loops": _loops(sass),
             "stack": int(spills.group(1)), "spill_stores": int(spills.group(2)), "spill_loads": int(spills.group(3)),
             "mma": sorted(set(_MMA.findall(compiled.asm["ptx"]))),
             "dots": len(_TT_DOT.findall(compiled.asm["ttir"])), "compile_s": round(seconds, 2)}
+
+
+def _sass(cubin: bytes) -> list[tuple[int, str]]:
+    """(address, instruction) of every SASS instruction, from the wheel's bundled `cuobjdump -sass`."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return [(int(a, 16), ins.strip()) for a, ins in _SASS_INSN.findall(text)]
+
+
+def _loops(sass: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """Loops of the SASS: (index of the branch target, index of the backward branch), widest first."""
+    where = {addr: i for i, (addr, _) in enumerate(sass)}
+    out = []
+    for i, (addr, ins) in enumerate(sass):
+        m = _BRANCH.search(ins)
+        if m and int(m.group(1), 16) <= addr and int(m.group(1), 16) in where:
+            out.append((where[int(m.group(1), 16)], i))
+    return sorted(out, key=lambda ab: ab[0] - ab[1])
 
 
 def _result(job: dict, data: dict) -> Compiled:
     return Compiled(name=job["name"], cc=job["cc"], num_warps=job["num_warps"], num_stages=job["num_stages"],
                     shared=data["shared"], registers=data["registers"], spill_stores=data["spill_stores"],
                     spill_loads=data["spill_loads"], stack=data["stack"], mma=tuple(data["mma"]), dots=data["dots"],
-                    compile_s=data["compile_s"])
+                    compile_s=data["compile_s"], async_copies=data["async_copies"], sass_count=data["sass_count"],
+                    loops=tuple(tuple(x) for x in data["loops"]))
 
 
 def compile_launches(pairs: list[tuple[object, int]], *, processes: int | None = None,

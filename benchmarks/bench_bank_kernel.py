@@ -63,12 +63,12 @@ def floor(rows: int, bank_bytes: int = 4) -> int:
     return n * rows * K * D * bank_bytes + rows * K * 8 + rows * NE * D * (bank_bytes + 4)
 
 
-def launches(rows: int, bank_bytes: int, gpu: dict):
+def launches(rows: int, bank_bytes: int, gpu: dict, precision: str | None = None):
     from fastmcl.kernels import bank_contrastive as bc
     NE, n, NC, NK = _plan_sizes()
     dtype = torch.float32 if bank_bytes == 4 else torch.bfloat16
     return bc.launches((NE, rows, D), n, N_ROWS, K, NC, NK, dtype=torch.float32, bank_dtype=dtype, pos_k=POS_K,
-                       device_capability=divmod(gpu["cc"], 10), sm_count=gpu["sms"])
+                       device_capability=divmod(gpu["cc"], 10), sm_count=gpu["sms"], input_precision=precision)
 
 
 def k_loop_instructions(c, trips_inner: int) -> int:
@@ -110,9 +110,9 @@ def kernel_model(kind: str, c, grid_blocks: int, gpu: dict, *, bytes_total: floa
                 inflight_kb_per_sm=resident * inflight_per_block / 1e3, time_s=t)
 
 
-def after_model(rows: int, bank_bytes: int, gpu: dict) -> dict:
+def after_model(rows: int, bank_bytes: int, gpu: dict, precision: str | None = None) -> dict:
     """The op's kernels as compiled now (fused merge, groups adjacent: each row's gathered rows from DRAM once)."""
-    L = launches(rows, bank_bytes, gpu)
+    L = launches(rows, bank_bytes, gpu, precision)
     comp = compile_launches([(x, gpu["cc"]) for x in L])
     NE, n, NC, NK = _plan_sizes()
     out, total = [], 0.0
@@ -194,18 +194,21 @@ def before_model(rows: int, bank_bytes: int, gpu_name: str, gpu: dict) -> dict |
 
 
 def model() -> list[dict]:
-    """One record per (GPU, rows per GPU, bank dtype): floor, BEFORE and AFTER predictions and their kernels."""
+    """One record per (GPU, rows per GPU, bank dtype, fp32 dot precision): floor, BEFORE (the previous kernels at
+    their default, tf32x3) and AFTER predictions and their kernels. tf32x3 is what torch's default
+    float32_matmul_precision "highest" selects, tf32 what "high" selects."""
     out = []
     for name, g in GPUS.items():
         for rows in (B, B_PER_GPU):
             for bank_bytes, dname in ((4, "fp32"), (2, "bf16")):
-                fl = floor(rows, bank_bytes)
-                after = after_model(rows, bank_bytes, g)
-                before = before_model(rows, bank_bytes, name, g)
-                out.append(dict(gpu=name, rows=rows, bank=dname, floor_bytes=fl, floor_s=fl / g["bw"],
-                                after_s=after["time_s"], after_kernels=after["kernels"],
-                                before_s=before["time_s"] if before else None,
-                                before_kernels=before["kernels"] if before else None))
+                for prec in ("tf32x3", "tf32"):
+                    fl = floor(rows, bank_bytes)
+                    after = after_model(rows, bank_bytes, g, prec)
+                    before = before_model(rows, bank_bytes, name, g) if prec == "tf32x3" else None
+                    out.append(dict(gpu=name, rows=rows, bank=dname, precision=prec, floor_bytes=fl,
+                                    floor_s=fl / g["bw"], after_s=after["time_s"], after_kernels=after["kernels"],
+                                    before_s=before["time_s"] if before else None,
+                                    before_kernels=before["kernels"] if before else None))
     return out
 
 
@@ -218,21 +221,22 @@ def markdown(records: list[dict]) -> str:
              "in, dE out, at the data-sheet bandwidth. BEFORE = the previous kernels (pass + merge + backward, "
              "groups far apart in launch order, one stage); AFTER = the current ones.",
              "",
-             "| GPU | rows/GPU | bank | floor ms | BEFORE ms | BEFORE/floor | AFTER ms | AFTER/floor |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| GPU | rows/GPU | bank | fp32 dots | floor ms | BEFORE ms | BEFORE/floor | AFTER ms | AFTER/floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         b = f"{r['before_s'] * 1e3:.3f} | {r['before_s'] / r['floor_s']:.2f}×" if r["before_s"] else "- | -"
-        lines.append(f"| {r['gpu']} | {r['rows']} | {r['bank']} | {r['floor_s'] * 1e3:.3f} | {b} | "
+        lines.append(f"| {r['gpu']} | {r['rows']} | {r['bank']} | {r['precision']} | {r['floor_s'] * 1e3:.3f} | {b} | "
                      f"{r['after_s'] * 1e3:.3f} | {r['after_s'] / r['floor_s']:.2f}× |")
     lines += ["", "Per kernel (AFTER, then BEFORE): resident blocks / warps per SM, waves, async copies, K-loop SASS "
               "instructions per tile, predicted µs.", "",
-              "| GPU | rows | bank | when | kernel | grid | warps × stages | regs | resident blocks / warps | waves | "
-              "async copies | K-loop SASS | KB in flight / SM | µs |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| GPU | rows | bank | fp32 dots | when | kernel | grid | warps × stages | regs | resident blocks / warps | "
+              "waves | async copies | K-loop SASS | KB in flight / SM | µs |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         for when in ("after", "before"):
             for k in r[f"{when}_kernels"] or []:
-                lines.append(f"| {r['gpu']} | {r['rows']} | {r['bank']} | {when.upper()} | {k['kernel']} | "
+                lines.append(f"| {r['gpu']} | {r['rows']} | {r['bank']} | {r['precision']} | {when.upper()} | "
+                             f"{k['kernel']} | "
                              f"{k['grid']} | {k['warps']} × {k['stages']} | {k['registers']} | "
                              f"{k['resident_blocks']} / {k['resident_warps']} | {k['waves']:.2f} | "
                              f"{k['async_copies']} | {k['k_loop_sass']} | {k['inflight_kb_per_sm']:.1f} | "
@@ -252,7 +256,7 @@ def test_model(benchmark):
     write_results(records)
     for r in records:
         assert r["after_s"] >= r["floor_s"], r                     # a prediction never beats the byte floor
-    ROWS.extend((f"model {r['gpu']} B={r['rows']} {r['bank']}", f"{r['after_s'] * 1e3:.3f} ms", "-",
+    ROWS.extend((f"model {r['gpu']} B={r['rows']} {r['bank']} {r['precision']}", f"{r['after_s'] * 1e3:.3f} ms", "-",
                  f"{r['after_s'] / r['floor_s']:.2f}× floor (predicted)") for r in records if r["gpu"] == "H100 SXM")
 
 

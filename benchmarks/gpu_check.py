@@ -4,8 +4,9 @@ Steps (each a subprocess with its own time limit, all within `--budget-s`, defau
 1. the GPU-marked tests (`pytest -m gpu tests`);
 2. the Triton kernel tests run natively on the GPU (the files the interpreter runs on CPU: every kernel against the
    reference in value and gradient);
-3. the bank kernel against the reference at ImageNet shapes (`benchmarks/bench_bank_kernel.py`: time, peak memory,
-   both precisions);
+3. the bank kernels at ImageNet shapes (`benchmarks/bench_bank_kernel.py`: time and peak memory of the fused op at
+   both precisions, of the streamed reference, of `torch.compile` of the reference and of the gather + `bmm`
+   reference, each against the byte floor, beside the performance model's prediction);
 4. the training-throughput benchmark with few rounds (`benchmarks/bench_throughput.py`).
 
 Without a CUDA GPU it runs nothing, says why and exits 0. `--list` prints the planned steps and exits.
@@ -43,7 +44,8 @@ def steps() -> list[Step]:
         Step("Triton kernels vs reference, natively on the GPU",
              pytest + ["tests/test_kernel_inbatch.py", "tests/test_kernel_bank.py"], 90,
              files=["tests/test_kernel_inbatch.py", "tests/test_kernel_bank.py"]),
-        Step("Bank kernel vs reference at ImageNet shapes (time, peak memory, both precisions)",
+        Step("Bank kernels vs reference, torch.compile(reference) and gather + bmm at ImageNet shapes (time, peak "
+             "memory, against the byte floor and the model)",
              pytest + ["benchmarks/bench_bank_kernel.py", "--benchmark-only", "-s"], 90,
              files=["benchmarks/bench_bank_kernel.py"]),
         Step("Training throughput (few rounds)",

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmcl.losses import cohort_contrastive_terms, lmcl_plan, mcl_plan
-from fastmcl.losses.cohort_terms import _plan_indices, inbatch_rows_reference
+from fastmcl.losses.cohort_terms import inbatch_rows_reference
 from fastmcl.losses.plan import ICL, SOFT_ICL, SOFT_VCL, VCL, ContrastPlan
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -107,7 +107,7 @@ def rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def indices(plan):
-    ix = _plan_indices(plan, DEVICE)
+    ix = plan.index_tables(DEVICE)
     return [ix[k] for k in IDX_KEYS]
 
 

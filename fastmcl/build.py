@@ -147,7 +147,7 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
     ema = EmaCohort(cohort, cfg.ema_alpha).to(device) if needs.ema else None
     meta_optimizer, meta = None, None
     if objective.supports_meta and cfg.meta_mode != "off":
-        # spec §2.4: the meta-network's own SGD (Nesterov, momentum 0.9, wd), lr on the main schedule
+        # docs/official_mcl.md §2.4: the meta-network's own SGD (Nesterov, momentum 0.9, wd), lr on the main schedule
         meta_optimizer = torch.optim.SGD(objective.meta_parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
                                          weight_decay=cfg.weight_decay)
         meta = MetaPhase(cohort, objective, meta_optimizer, inner_steps=cfg.meta_inner, mode=cfg.meta_mode,

@@ -1,7 +1,7 @@
 """The one typed training config: dataclass defaults → optional YAML (`--config`) → command-line flags.
 
 Fields carry their argparse group and help text; `None` means "resolved from the data and method" by `resolve()`
-(e.g. τ = 0.1 in-batch / 0.07 with a memory bank, spec/lmcl.md §0). The resolved config is written to RUN/config.yaml.
+(e.g. τ = 0.1 in-batch / 0.07 with a memory bank, docs/official_mcl.md §0). The resolved config is written to RUN/config.yaml.
 """
 from __future__ import annotations
 
@@ -48,10 +48,10 @@ class TrainConfig:
                                       "default resnet32 for every member", action="append")
     cohort: int | None = _f(None, "model", "number of members when --arch is given once or not at all (default: "
                                            "the method's, 2; ONE/CL-ILR/PCL 3, OKDDip 4)")
-    shared_stem: bool = _f(False, "model", "MCL x n 'branched' variant: members share stem + layer1 (spec Q3)")
+    shared_stem: bool = _f(False, "model", "MCL x n 'branched' variant: members share stem + layer1")
     # method
     method: str = _f("lmcl", "method", "the training method (the table in the README)")
-    memory_bank: bool | None = _f(None, "method", "memory-bank contrast (spec §1.3); default on for ImageNet-style data "
+    memory_bank: bool | None = _f(None, "method", "memory-bank contrast; default on for ImageNet-style data "
                                                   "at >= 64 px, off for CIFAR-style 32 px data")
     tau: float | None = _f(None, "method", "contrastive temperature (0.1 in-batch, 0.07 bank)")
     kd_T: float = _f(3.0, "method", "distillation temperature T")
@@ -63,7 +63,7 @@ class TrainConfig:
     neg_k: int = _f(8192, "method", "bank negatives per anchor")
     feat_dim: int = _f(128, "method", "embedding size of the projection heads")
     nce_m: float = _f(0.5, "method", "memory-bank momentum")
-    logit_kd: bool = _f(False, "method", "MCL: add the mean-logit ensemble KD term (spec §1.4)")
+    logit_kd: bool = _f(False, "method", "MCL: add the mean-logit ensemble KD term")
     meta_mode: str = _f("second-order", "method", "L-MCL meta-optimisation of the matching weights: second-order | "
                                                   "first-order | off (off keeps the initial meta-network)")
     meta_freq: int | None = _f(None, "method", "run a meta phase every N batches of an epoch, batch 0 included "
@@ -115,7 +115,7 @@ class TrainConfig:
     # -- resolution --------------------------------------------------------------------------------------------------
     def resolve(self, *, cifar_style: bool, demo: bool, method_defaults: dict | None = None) -> "TrainConfig":
         """Fill every None: first from `method_defaults` (what the method sets: memory bank, cohort size, τ and the
-        contrastive weights), then from the data style (spec/lmcl.md §0, §3)."""
+        contrastive weights), then from the data style (docs/official_mcl.md §0, §3)."""
         c = dataclasses.replace(self)
         for name, value in (method_defaults or {}).items():
             if getattr(c, name) is None:

@@ -29,7 +29,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 def lr_at(cfg: TrainConfig, epoch: int, step_in_epoch: int = 0, steps_per_epoch: int = 1) -> float:
-    """Per-epoch schedule as the official code (spec/lmcl.md §3): cosine 0.1·½(1+cos(π·ep/E)) or step decay;
+    """Per-epoch schedule as the official code (docs/official_mcl.md §3): cosine 0.1·½(1+cos(π·ep/E)) or step decay;
     times an optional per-step linear warm-up over the first `warmup_epochs`."""
     if cfg.schedule == "cosine":
         lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
@@ -204,7 +204,7 @@ class Trainer:
         self.objective.after_step(out, index)
         if self.ema is not None:
             self.ema.update(self.cohort, self.step)
-        # spec §2.4: after the regular update, on the same batch, when batch_idx % meta_freq == 0
+        # docs/official_mcl.md §2.4: after the regular update, on the same batch, when batch_idx % meta_freq == 0
         if self.meta is not None and self.step_in_epoch % self.cfg.meta_freq == 0:
             with self.meta_autocast, dist.local_batchnorm(self.cohort):
                 result = self.meta.step(x, y, contrast_idx, lr if lr is not None else self.optimizer.param_groups[0]["lr"])

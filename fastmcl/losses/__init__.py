@@ -1,6 +1,6 @@
 """Reference losses (plain PyTorch): the oracle every fast path is checked against.
 
-One official pair call (spec/lmcl.md §1.2, §1.3): `contrastive_terms`, `bank_contrastive_terms` (`pair_terms`).
+One official pair call (docs/official_mcl.md §1.2, §1.3): `contrastive_terms`, `bank_contrastive_terms` (`pair_terms`).
 A whole cohort, each distinct block once: `cohort_contrastive_terms`, `cohort_bank_contrastive_terms` with a
 `ContrastPlan` from `lmcl_plan` / `mcl_plan` (`cohort_terms`). Logit terms: `kd_kl`, `cross_entropy`. `MemoryBank`.
 """

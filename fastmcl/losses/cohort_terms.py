@@ -1,6 +1,6 @@
-"""The whole cohort's contrastive terms from a `ContrastPlan`, each distinct logit block computed once (spec §4.2).
+"""The whole cohort's contrastive terms from a `ContrastPlan`, each distinct logit block computed once (docs/official_mcl.md §4.2).
 
-In-batch (spec §1.2): one GEMM gives every block e_u e_vᵀ/τ. Memory bank (spec §1.3): each network's bank is gathered
+In-batch (docs/official_mcl.md §1.2): one GEMM gives every block e_u e_vᵀ/τ. Memory bank (docs/official_mcl.md §1.3): each network's bank is gathered
 once and scored against every embedding. The per-row statistics of the distinct blocks (`inbatch_rows_reference`,
 `bank_rows_reference`: the contracts the kernels implement) are combined with each pair's weights; the values equal
 the sum of the plan's pair calls (`pair_terms`).
@@ -215,7 +215,7 @@ def bank_rows_reference(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_
     index arguments on the host to build it.
     """
     B = E.shape[1]
-    # L[u, m] = e_u · Mem_m[idx]ᵀ / τ: depends on the contrast side only through the bank (spec §4.2).
+    # L[u, m] = e_u · Mem_m[idx]ᵀ / τ: depends on the contrast side only through the bank (docs/official_mcl.md §4.2).
     L = bank_logits_all(E / tau, banks, idx, k_chunk)                      # [NE, n, B, K]
     if groups is None:
         host = (tuple(i.tolist()) for i in (ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view))
@@ -253,9 +253,9 @@ def _bank_rows(L_s: Tensor, L_t: Tensor, specs: tuple, kd_T: float, *, detach_te
 
 
 class _BankRows(torch.autograd.Function):
-    """`_bank_rows` with detached teachers and a flash-style backward (DESIGN.md "Kernels"): only L is saved (no
+    """`_bank_rows` with detached teachers and a flash-style backward (docs/losses.md "Contracts"): only L is saved (no
     [B, K] softmax per block kept, no full-size zero gradient per block slice); backward recomputes each block's
-    softmax from L and adds its gradient into one buffer. Per row, with x the block's logits (spec §1.3):
+    softmax from L and adds its gradient into one buffer. Per row, with x the block's logits (docs/official_mcl.md §1.3):
     ce = lse(x) − mean(x[:n_pos])             →  ∂/∂x = softmax(x) − 1[k < n_pos] / n_pos        (ICL, VCL);
     kl = KL(softmax(t/T) ‖ softmax(s/T)), t detached  →  ∂/∂s = (softmax(s/T) − softmax(t/T)) / T  (soft ICL, VCL).
     """

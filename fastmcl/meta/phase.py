@@ -1,4 +1,4 @@
-"""One L-MCL meta phase (spec/lmcl.md §2.3–2.4): virtual SGD steps on detached copies of the networks and heads, the
+"""One L-MCL meta phase (docs/official_mcl.md §2.3–2.4): virtual SGD steps on detached copies of the networks and heads, the
 hypergradient of the outer loss with respect to the meta-network, then the meta optimizer's step. Nothing a virtual
 step does reaches the real networks, BN statistics, optimizer state or memory banks (docs/meta_phase.md).
 """

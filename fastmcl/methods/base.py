@@ -1,7 +1,7 @@
 """What every method (objective) looks like to the trainer, and the registry of methods by name.
 
 The trainer never branches on a method's name: it reads `needs` to build the cohort and the data path, calls the
-objective on the members' outputs, and evaluates every classifier `eval_logits` names (spec/pcl_baselines.md §3).
+objective on the members' outputs, and evaluates every classifier `eval_logits` names (docs/official_baselines.md §3).
 Each method file registers its class with `@register("name")` and says how it builds (`create`), what it needs
 (`needs_for`) and which config defaults it sets (`default_settings`).
 """
@@ -124,7 +124,7 @@ class Objective(nn.Module):
 
 def fp32(module: nn.Module, x: Tensor) -> Tensor:
     """Run a small head outside autocast in fp32 (fp64 stays fp64): L2-normalised embeddings scaled by 1/τ and the
-    matching weights are too sensitive for bf16/fp16 (spec: losses and softmax statistics in fp32)."""
+    matching weights are too sensitive for bf16/fp16 (losses and softmax statistics stay fp32, docs/losses.md "Backends and numerics")."""
     with torch.autocast(x.device.type, enabled=False):
         return module(x.to(compute_dtype(x)))
 

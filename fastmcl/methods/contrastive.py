@@ -1,5 +1,5 @@
 """What MCL and L-MCL share: the projection heads' contrastive terms from a `ContrastPlan`, in-batch or against the
-memory banks (spec/lmcl.md §1.2, §1.3), and the banks' momentum update after the optimizer step."""
+memory banks (docs/official_mcl.md §1.2, §1.3), and the banks' momentum update after the optimizer step."""
 from __future__ import annotations
 
 import torch
@@ -62,7 +62,7 @@ class ContrastiveObjective(Objective):
 
     @torch.no_grad()
     def after_step(self, out: StepOutput, index: Tensor | None) -> None:
-        """The banks store each network's final-stage embedding (spec §1.3)."""
+        """The banks store each network's final-stage embedding (docs/official_mcl.md §1.3)."""
         if self.memory is not None:
             if self.gather is not None:       # DDP: every rank's bank takes the whole global batch
                 index = self.gather(index)

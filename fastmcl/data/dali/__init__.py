@@ -1,4 +1,4 @@
-"""NVIDIA DALI input pipelines (DESIGN.md "Data"; notes in docs/data.md): decode and augment JPEG files on the GPU
+"""NVIDIA DALI input pipelines (docs/data.md "DALI"): decode and augment JPEG files on the GPU
 (`mixed`) or on DALI's CPU backend, with the same batches and keyed augmentation as the PIL path.
 
 `feed`: the file list and the training index feed; `reader`: the DALI graphs and their loaders; `diagnosis`: naming

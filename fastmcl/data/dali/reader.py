@@ -1,4 +1,4 @@
-"""The DALI graphs and their loaders (imported on first use; DESIGN.md "Data", docs/data.md "DALI").
+"""The DALI graphs and their loaders (imported on first use; docs/data.md "DALI").
 
 Decode: `mixed` (nvJPEG, a `hw_decoder_load` share on the hardware decoder) when on the GPU, DALI's CPU backend
 otherwise; EXIF orientation ignored, as in the PIL path. Output per sample "CHW", or "HWC" for channels_last (the

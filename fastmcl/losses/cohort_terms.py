@@ -20,8 +20,8 @@ from .rows import ContrastiveTerms, compute_dtype, inbatch_masks, kl_rows, leadi
 
 
 @functools.lru_cache(maxsize=64)
-def _plan_indices(plan: ContrastPlan, device: torch.device) -> dict[str, Tensor]:
-    """Index tensors for one plan on one device (built once; plans are frozen)."""
+def plan_indices(plan: ContrastPlan, device: torch.device) -> dict[str, Tensor]:
+    """A plan's index tables on one device (built once; plans are frozen): what the engine and the kernels read."""
     ce_pos = {b: n for n, b in enumerate(plan.ce_blocks)}
     kl_pos = {b: n for n, b in enumerate(plan.kl_blocks)}
 
@@ -46,6 +46,9 @@ def _plan_indices(plan: ContrastPlan, device: torch.device) -> dict[str, Tensor]
         "kl_is_view": torch.tensor([plan.is_view_block(s) for s, _ in plan.kl_blocks], dtype=torch.bool, device=device),
     }
 
+
+
+_plan_indices = plan_indices     # the old private name, until the kernel tests and benchmarks use the public one
 
 @functools.lru_cache(maxsize=64)
 def _bank_groups(ce_u: tuple, ce_m: tuple, ce_view: tuple, kl_su: tuple, kl_sm: tuple, kl_tu: tuple, kl_tm: tuple,
@@ -122,7 +125,7 @@ def cohort_contrastive_terms(embeddings: list[Tensor], labels: Tensor, plan: Con
                           twice_differentiable=student_out is not None)
 
     E = _stack(embeddings)
-    ix = _plan_indices(plan, E.device)
+    ix = plan_indices(plan, E.device)
     args = (E, labels, ix["ce_u"], ix["ce_v"], ix["kl_su"], ix["kl_sv"], ix["kl_tu"], ix["kl_tv"], tau, kd_T)
     if use == "reference":
         ce, kl = inbatch_rows_reference(*args, student_out=student_out)
@@ -189,7 +192,7 @@ def cohort_bank_contrastive_terms(embeddings: list[Tensor], banks: list[Tensor],
         raise ValueError(f"k_chunk must be None or an int >= 1, got {k_chunk!r}")
 
     E = _stack(embeddings)
-    ix = _plan_indices(plan, E.device)
+    ix = plan_indices(plan, E.device)
     args = (E, banks.detach(), idx.long(), ix["ce_u"], ix["ce_m"], ix["ce_is_view"], ix["kl_su"], ix["kl_sm"],
             ix["kl_tu"], ix["kl_tm"], ix["kl_is_view"], tau, kd_T, pos_k)
     if use == "reference":

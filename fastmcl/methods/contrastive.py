@@ -21,21 +21,19 @@ class ContrastiveObjective(Objective):
         return MethodNeeds(aux=cls.aux, memory_bank=memory_bank, m_per_class=0 if memory_bank else 2)
 
     @classmethod
-    def default_settings(cls, memory_bank: bool) -> dict[str, float]:
-        w = ContrastWeights.defaults(cls.name, memory_bank)
-        return {"tau": w.tau, "alpha": w.alpha, "gamma": w.gamma, "beta": w.beta, "lam": w.lam}
+    def default_weights(cls, memory_bank: bool) -> ContrastWeights:
+        return ContrastWeights.defaults(cls.name, memory_bank)
 
     @classmethod
     def contrast_settings(cls, ctx: MethodContext) -> dict:
         """The keyword arguments MCL and L-MCL share, from the build context."""
-        return dict(weights=ctx.weights or ContrastWeights.defaults(cls.name, ctx.memory_bank),
+        return dict(weights=ctx.weights,
                     memory_bank=ctx.memory_bank, num_samples=ctx.num_samples, feat_dim=ctx.feat_dim, pos_k=ctx.pos_k,
                     nce_m=ctx.nce_m, backend=ctx.backend, k_chunk=ctx.k_chunk)
 
     def __init__(self, plan: ContrastPlan, *, weights: ContrastWeights, memory_bank: bool,
                  num_samples: int, feat_dim: int, pos_k: int, nce_m: float, backend: str, k_chunk: int | None):
         super().__init__()
-        self.needs = self.needs_for(memory_bank)
         self.w, self.plan = weights, plan
         num_nets = max(plan.net_of) + 1
         self.memory = MemoryBank(num_nets, num_samples, feat_dim, nce_m) if memory_bank else None

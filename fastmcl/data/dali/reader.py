@@ -17,9 +17,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from .. import _keyhash as kh
 from ..errors import DataError, check_int
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD
-from . import check_options, resolve_dali_device
 from .diagnosis import explain_failure, is_decode_failure
 from .feed import FileList, IndexFeed
+from .options import check_options, resolve_dali_device
 
 # Pre-allocation for the mixed decoder (NVIDIA's ResNet-50 recipe): ImageNet's largest image is 5980 x 6430 px.
 IMAGENET_HINTS = {"preallocate_width_hint": 5980, "preallocate_height_hint": 6430,

@@ -191,11 +191,14 @@ GROUPS = {"data": "data", "model": "model / cohort", "method": "method", "optim"
 
 def _base_type(tp):
     """int | None → int; list[str] → str; bool stays bool."""
+    tp = _strip_none(tp)
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+
+
+def _strip_none(tp):
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _base_type(args[0])
-    if typing.get_origin(tp) is list:
-        return typing.get_args(tp)[0]
+        return args[0]
     return tp
 
 
@@ -266,7 +269,7 @@ def _scalar(value, base: type):
         if isinstance(value, bool):
             return value
         raise TypeError
-    if isinstance(value, bool) or isinstance(value, (list, dict)):
+    if isinstance(value, (bool, list, dict)):
         raise TypeError
     if base is int:
         number = float(value)
@@ -279,13 +282,6 @@ def _scalar(value, base: type):
         if not isinstance(value, str):
             raise TypeError
     return value
-
-
-def _strip_none(tp):
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
 
 
 def _type_name(tp) -> str:

@@ -115,15 +115,14 @@ class TrainConfig:
     progress: bool = _f(True, "run", "tqdm progress bar")
 
     # -- resolution --------------------------------------------------------------------------------------------------
-    def resolve(self, *, cifar_style: bool, demo: bool, method_defaults: dict | None = None) -> "TrainConfig":
-        """Fill every None: first from `method_defaults` (what the method sets: memory bank, cohort size, τ and the
-        contrastive weights), then from the data style (docs/official_mcl.md §0, §3)."""
+    def resolve(self, *, cifar_style: bool, demo: bool, method_defaults: dict) -> "TrainConfig":
+        """Fill every None: first from `method_defaults` (what `fastmcl.build.resolve` took from the resolved method:
+        memory bank, cohort size, τ and the contrastive weights), then from the data style (docs/official_mcl.md §0,
+        §3), and validate the result."""
         c = dataclasses.replace(self)
-        for name, value in (method_defaults or {}).items():
+        for name, value in method_defaults.items():
             if getattr(c, name) is None:
                 setattr(c, name, value)
-        c.cohort = c.cohort or 2
-        c.memory_bank = bool(c.memory_bank)
         c.image_size = (32 if cifar_style else 224) if c.image_size is None else c.image_size
         c.val_resize = c.val_resize or round(c.image_size / 0.875)
         # The digits demo: 1,438 images of 10 classes, so smaller batches (8 classes x 4) and more, gentler steps.

@@ -173,8 +173,8 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     parts = TrainingParts(
-        cfg=cfg, needs=needs, dist=info, device=device, data=data, cohort=cohort, objective=objective, ema=ema, model=model,
-        negatives=negatives, optimizer=optimizer, optimizer_name=optimizer_name, meta=meta,
+        cfg=cfg, needs=needs, dist=info, device=device, data=data, cohort=cohort, objective=objective, ema=ema,
+        model=model, negatives=negatives, optimizer=optimizer, optimizer_name=optimizer_name, meta=meta,
         meta_optimizer=meta_optimizer, autocast=autocast,
         # fp16 needs loss scaling; the meta phase runs in fp32 then (no scaler inside it)
         meta_autocast=nullcontext() if cfg.amp == "fp16" else autocast,

@@ -1,7 +1,8 @@
 """The one typed training config: dataclass defaults → optional YAML (`--config`) → command-line flags.
 
 Fields carry their argparse group and help text; `None` means "resolved from the data and method" by `resolve()`
-(e.g. τ = 0.1 in-batch / 0.07 with a memory bank, docs/official_mcl.md §0). The resolved config is written to RUN/config.yaml.
+(e.g. τ = 0.1 in-batch / 0.07 with a memory bank, docs/official_mcl.md §0). The resolved config is written to
+RUN/config.yaml.
 """
 from __future__ import annotations
 
@@ -65,12 +66,14 @@ class TrainConfig:
     nce_m: float = _f(0.5, "method", "memory-bank momentum")
     logit_kd: bool = _f(False, "method", "MCL: add the mean-logit ensemble KD term")
     meta_mode: str = _f("second-order", "method", "L-MCL meta-optimisation of the matching weights (off keeps the "
-                                                  "initial meta-network)", choices=("second-order", "first-order", "off"))
+                                                  "initial meta-network)",
+                        choices=("second-order", "first-order", "off"))
     meta_freq: int | None = _f(None, "method", "run a meta phase every N batches of an epoch, batch 0 included "
                                                "(default 50 CIFAR-style, 500 ImageNet-style)")
     meta_inner: int = _f(2, "method", "virtual inner steps per meta phase")
     meta_derivatives: str = _f("differences", "method", "how the meta phase takes the networks' second derivatives: "
-                               "differences (of fp32 forwards and gradients with the ReLU pieces held fixed) or autograd "
+                               "differences (of fp32 forwards and gradients with the ReLU pieces held fixed) or "
+                               "autograd "
                                "(double backward, the plain unrolled form, in the autocast dtype)",
                                choices=("differences", "autograd"))
     rampup_epochs: int | None = _f(None, "method", "ONE/OKDDip/PCL sigmoid ramp-up of the distillation weight, "

@@ -44,8 +44,7 @@ def lr_at(cfg: TrainConfig, epoch: int, step_in_epoch: int = 0, steps_per_epoch:
     else:
         lr = cfg.lr * cfg.lr_decay ** sum(epoch >= m for m in cfg.milestones)
     if cfg.warmup_epochs:
-        progress = (epoch + (step_in_epoch + 1) / steps_per_epoch) / cfg.warmup_epochs
-        lr *= min(1.0, progress)
+        lr *= min(1.0, (epoch + (step_in_epoch + 1) / steps_per_epoch) / cfg.warmup_epochs)
     return lr
 
 
@@ -260,10 +259,11 @@ class Trainer:
             log.close()
 
     def _print_header(self) -> None:
-        cfg = self.cfg
+        cfg, needs = self.cfg, self.needs
+        contrast = "memory bank" if needs.memory_bank else "in-batch" if needs.m_per_class else "none"
         print(f"fastmcl: {cfg.method} | members {', '.join(cfg.members())} | data {self.data.source.kind} "
               f"({len(self.data.labels)} train, {self.data.num_classes} classes) via {self.data.loader_name} | "
-              f"contrast: {self._contrast_kind()} | device {self.device} x {self.dist.world_size} process(es) | "
+              f"contrast: {contrast} | device {self.device} x {self.dist.world_size} process(es) | "
               f"amp {cfg.amp} | compile {'on' if cfg.compile else 'off'} | optimizer {self.optimizer_name} | "
               f"deployed: {self.objective.deployed} | run {self.out}", flush=True)
         if cfg.amp == "fp16" and self.device.type == "cpu":
@@ -272,10 +272,6 @@ class Trainer:
         if cfg.compile:
             print("fastmcl: compiling the training step with torch.compile (the first step takes minutes)...",
                   flush=True)
-
-    def _contrast_kind(self) -> str:
-        needs = self.needs
-        return "memory bank" if needs.memory_bank else "in-batch" if needs.m_per_class else "none"
 
     def _done(self) -> bool:
         return bool(self.cfg.max_steps) and self.step >= self.cfg.max_steps

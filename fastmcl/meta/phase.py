@@ -45,8 +45,9 @@ class MetaResult:
 
 class MetaPhase:
     """`mode` (`--meta-mode`, checked with the config): `second-order` differentiates through every virtual step,
-    `first-order` takes each step's Jacobian as the identity, `off` leaves the meta-network as it is. `fd_step`: the difference path's step h (default), or None for the exact autograd form. Under DDP
-    each rank unrolls on its own slice and `reduce_grads` averages the hypergradients before the meta step."""
+    `first-order` takes each step's Jacobian as the identity, `off` leaves the meta-network as it is. `fd_step`: the
+    difference path's step h (default), or None for the exact autograd form. Under DDP each rank unrolls on its own
+    slice and `reduce_grads` averages the hypergradients before the meta step."""
 
     def __init__(self, cohort: nn.Module, objective: nn.Module, meta_optimizer: torch.optim.Optimizer | None, *,
                  inner_steps: int = 2, mode: str = "second-order", momentum: float = 0.9,

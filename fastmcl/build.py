@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from .checkpoint import find_checkpoint, load_checkpoint, run_dir_of
+from .checkpoint import find_checkpoint, load_checkpoint, load_resume_checkpoint, run_dir_of
 from .config import TrainConfig
 from .data import NegativeSampler
 from .meta import FD_STEP, MetaPhase
@@ -175,9 +175,8 @@ def load_run(path: str | Path) -> tuple[TrainConfig, dict]:
 
 def resume_config(path: str | Path, overrides: dict) -> tuple[TrainConfig, dict]:
     """The config of the run to continue (a run folder or a checkpoint file) with the explicitly given flags on top,
-    and its last checkpoint's state."""
-    checkpoint = find_checkpoint(path)
-    state = load_checkpoint(checkpoint)
+    and its last checkpoint's state (the previous one when that cannot be read)."""
+    checkpoint, state = load_resume_checkpoint(path)
     run = run_dir_of(checkpoint)
     values = dict(state["config"])
     before, after = TrainConfig(**values), TrainConfig(**{**values, **overrides})

@@ -1,12 +1,15 @@
 """`python -m fastmcl.train`: the command-line entry point (see README). Bad input → one line on stderr, exit 2."""
 from __future__ import annotations
 
+import dataclasses
+import signal
 import sys
+from pathlib import Path
 
 from . import distributed
-from .checkpoint import CheckpointError
-from .config import build_parser, load_yaml, parse_config
-from .build import build_trainer, resume_config
+from .checkpoint import CheckpointError, has_checkpoint
+from .config import TrainConfig, build_parser, load_yaml, parse_config
+from .build import RUN_FILES, build_trainer, resume_config
 from .trainer import NonFiniteLoss
 
 
@@ -15,12 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
         state = None
+        if cfg.resume == "auto":
+            cfg = resume_auto(cfg)
         if cfg.resume:
             explicit = vars(build_parser().parse_args(argv))
             yaml_path = explicit.pop("config", None)
             overrides = {**(load_yaml(yaml_path) if yaml_path else {}), **explicit}
             overrides.pop("resume", None)
             cfg, state = resume_config(cfg.resume, overrides)
+            if distributed.launch_rank() == 0:
+                print(f"fastmcl: resuming {cfg.resume} at step {state['step']} (epoch {state['epoch']})", flush=True)
         result = build_trainer(cfg, resume_state=state).fit()
     except NonFiniteLoss as e:
         print(f"fastmcl: error: {e}; stopped, the last good checkpoint is kept in checkpoints/last.pt",
@@ -34,11 +41,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         distributed.shutdown()      # under torchrun: leave the process group cleanly
+    if result.get("signal") == signal.SIGINT:
+        return 130
     if "eval" in result and result["main"]:
         best = max(result["eval"].items(), key=lambda kv: kv[1][0])
         print(f"fastmcl: done at step {result['step']}; deployed {result['deployed']} top-1 "
               f"{result['deployed_top1']:.2f}% (best classifier {best[0]} {best[1][0]:.2f}%); run {result['out']}")
     return 0
+
+
+def resume_auto(cfg: TrainConfig) -> TrainConfig:
+    """`--resume auto`: continue the run in `--out` when it holds a checkpoint, else start it there; a folder left by a
+    run stopped before its first checkpoint (only run files in it) is started anew. Every process under torchrun
+    decides before the process group forms, so before process 0 writes anything (docs/runtime.md)."""
+    if not cfg.out:
+        raise ValueError("--resume auto needs --out DIR: the folder the run continues from, or starts in")
+    out = Path(cfg.out)
+    if has_checkpoint(out):
+        return dataclasses.replace(cfg, resume=str(out))
+    left_by_a_run = out.is_dir() and all(any(p.match(pattern) for pattern in RUN_FILES) for p in out.iterdir())
+    return dataclasses.replace(cfg, resume="", overwrite=cfg.overwrite or left_by_a_run)
 
 
 if __name__ == "__main__":

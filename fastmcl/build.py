@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from .checkpoint import find_checkpoint, load_checkpoint, load_resume_checkpoint, run_dir_of
+from .checkpoint import check_same_classes, find_checkpoint, load_checkpoint, load_resume_checkpoint, run_dir_of
 from .config import TrainConfig
 from .data import NegativeSampler
 from .meta import FD_STEP, MetaPhase
@@ -128,6 +128,8 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
         torch.use_deterministic_algorithms(True)
     data = TrainData(cfg, source, device, m_per_class=cfg.m_per_class if needs.m_per_class else 0,
                      rank=info.rank, world_size=info.world_size, views=len(cfg.members()) if needs.views else 1)
+    if resume_state is not None:
+        check_same_classes(resume_state.get("data"), data.card(), cfg.resume)
     nets = build_networks(cfg, data.num_classes, len(data.labels), ema=False)
     cohort, objective = nets.cohort.to(device), nets.objective.to(device)
     if cfg.channels_last:

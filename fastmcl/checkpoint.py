@@ -120,6 +120,21 @@ def load_resume_checkpoint(run_or_file: str | Path) -> tuple[Path, dict]:
     return previous, state
 
 
+def check_same_classes(trained: dict | None, here: dict, run: str | Path) -> None:
+    """One line when a run would continue on data whose classes differ from its checkpoint's data card (`trained`):
+    the classifiers' shapes and the meaning of their outputs depend on them."""
+    if not trained:
+        return
+    def shown(card: dict) -> str:
+        names = card.get("class_names")
+        return f"{card['num_classes']} classes" + (f" ({', '.join(map(str, names[:3]))}, ...)" if names else "")
+
+    names, was = here.get("class_names"), trained.get("class_names")
+    if here["num_classes"] != trained["num_classes"] or (names and was and names != was):
+        raise CheckpointError(f"--resume {run}: the run was trained on {shown(trained)}, this data has {shown(here)}; "
+                              f"resume on the data it was trained on, or start a new run")
+
+
 def run_dir_of(checkpoint: str | Path) -> Path:
     """The run folder a checkpoint belongs to: `RUN` for `RUN/checkpoints/*.pt`, else the file's own folder."""
     folder = Path(checkpoint).parent

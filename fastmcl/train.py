@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {**(load_yaml(yaml_path) if yaml_path else {}), **explicit}
             overrides.pop("resume", None)
             cfg, state = resume_config(cfg.resume, overrides)
-            if distributed.launch_rank() == 0:
-                print(f"fastmcl: resuming {cfg.resume} at step {state['step']} (epoch {state['epoch']})", flush=True)
-        result = build_trainer(cfg, resume_state=state).fit()
+        trainer = build_trainer(cfg, resume_state=state)
+        if state is not None and distributed.launch_rank() == 0:
+            print(f"fastmcl: resuming {cfg.resume} at step {state['step']} (epoch {state['epoch']})", flush=True)
+        result = trainer.fit()
     except NonFiniteLoss as e:
         print(f"fastmcl: error: {e}; stopped, the last good checkpoint is kept in checkpoints/last.pt",
               file=sys.stderr)

@@ -3,6 +3,8 @@ under `--max-restarts`, a requeued job (SIGTERM, then the identical command agai
 be read (the previous checkpoint takes over)."""
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fastmcl.checkpoint import load_checkpoint
+from fastmcl.config import parse_config
 from fastmcl.train import main
 from fastmcl.trainer import Trainer
 from support.gloo import torchrun_command, torchrun_workers
@@ -71,7 +74,8 @@ def test_resume_auto_starts_a_run_then_continues_it(tmp_path, capsys):
     assert [e["step"] for e in train_events(run)] == [1, 2, 3] and saved_step(run) == 3
     # the checks of --resume DIR, and --out required, each in one line
     for argv, match in ((TINY + ["--resume", "auto"], "--out"),
-                        (TINY + ["--method", "mcl", "--out", str(run), "--resume", "auto"], "--method")):
+                        (TINY + ["--method", "mcl", "--out", str(run), "--resume", "auto"], "--method"),
+                        (TINY + ["--num-classes", "8", "--out", str(run), "--resume", "auto"], "classes")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and match in err, err
@@ -119,6 +123,21 @@ def test_an_unreadable_last_checkpoint_falls_back_to_the_previous_one(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(last) in err and "previous" in err and "step 2" in err, err
     assert [e["step"] for e in train_events(run)][-2:] == [3, 4] and saved_step(run) == 4
+
+
+def test_the_readme_scheduler_script_is_valid_bash_and_its_command_parses():
+    """The README's SLURM script (a `sh` block: it cannot run without SLURM) parses, and its launch line is a valid
+    torchrun command with restarts around a `--resume auto` run."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [script] = re.findall(r"^```sh\n(.*?)^```", readme, flags=re.S | re.M)
+    assert "--requeue" in script and "--signal=" in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    [launch] = [line for line in script.splitlines() if line.startswith("torchrun ")]
+    from torch.distributed.run import get_args_parser
+    ns = get_args_parser().parse_args(shlex.split(launch.rstrip("& "))[1:])
+    assert ns.max_restarts > 0 and ns.module and ns.training_script == "fastmcl.train"
+    cfg = parse_config(ns.training_script_args)
+    assert cfg.resume == "auto" and cfg.out
 
 
 # -- separate processes, as a scheduler and torchrun run them --------------------------------------------------------

@@ -115,8 +115,8 @@ def load_resume_checkpoint(run_or_file: str | Path) -> tuple[Path, dict]:
     except CheckpointError as e:
         raise CheckpointError(f"{newest}; and the previous one: {e}") from e
     if int(os.environ.get("RANK") or 0) == 0:   # under torchrun every process loads; one says so
-        print(f"fastmcl: warning: {newest}; resuming from the previous checkpoint {previous} (step {state.get('step')})",
-              file=sys.stderr, flush=True)
+        print(f"fastmcl: warning: {newest}; resuming from the previous checkpoint {previous} "
+              f"(step {state.get('step')})", file=sys.stderr, flush=True)
     return previous, state
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import distributed
 from .checkpoint import CheckpointError, has_checkpoint
-from .config import TrainConfig, build_parser, load_yaml, parse_config
+from .config import build_parser, load_yaml, parse_config
 from .build import RUN_FILES, build_trainer, resume_config
 from .trainer import NonFiniteLoss
 
@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(argv)
         state = None
         if cfg.resume == "auto":
-            cfg = resume_auto(cfg)
+            resume, anew = resume_auto(cfg.out)
+            cfg = dataclasses.replace(cfg, resume=resume, overwrite=cfg.overwrite or anew)
         if cfg.resume:
             explicit = vars(build_parser().parse_args(argv))
             yaml_path = explicit.pop("config", None)
@@ -51,18 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def resume_auto(cfg: TrainConfig) -> TrainConfig:
-    """`--resume auto`: continue the run in `--out` when it holds a checkpoint, else start it there; a folder left by a
-    run stopped before its first checkpoint (only run files in it) is started anew. Every process under torchrun
-    decides before the process group forms, so before process 0 writes anything (docs/runtime.md)."""
-    if not cfg.out:
+def resume_auto(out: str) -> tuple[str, bool]:
+    """`--resume auto`: `(out, False)`, to continue the run in `--out` when it holds a checkpoint; else `("", anew)`,
+    to start one there, `anew` when the folder holds only the files of a run stopped before its first checkpoint.
+    Every process under torchrun decides before the process group forms, before process 0 writes (docs/runtime.md)."""
+    if not out:
         raise ValueError("--resume auto needs --out DIR: the folder the run continues from, or starts in")
-    out = Path(cfg.out)
     if has_checkpoint(out):
-        return dataclasses.replace(cfg, resume=str(out))
-    left_by_a_run = out.is_dir() and all(any(p.match(pattern) for pattern in RUN_FILES) for p in out.iterdir())
-    return dataclasses.replace(cfg, resume="", overwrite=cfg.overwrite or left_by_a_run)
-
+        return out, False
+    folder = Path(out)
+    return "", folder.is_dir() and all(any(p.match(pattern) for pattern in RUN_FILES) for p in folder.iterdir())
 
 if __name__ == "__main__":
     sys.exit(main())

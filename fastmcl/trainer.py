@@ -158,8 +158,7 @@ class Trainer:
         restore_rng_state(state["rng"])
 
     def save(self, name: str = LAST) -> Path:
-        """Rank 0 writes; the other ranks hold the same state. `last.pt` keeps the one of an earlier step it replaces
-        as `previous.pt`."""
+        """Rank 0 writes (the others hold the same state); a new step keeps the last.pt it replaces as previous.pt"""
         path = self.ckpt_dir / name
         if self.dist.is_main:
             keep = name == LAST and self.step != self._last_saved_step

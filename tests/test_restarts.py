@@ -165,7 +165,8 @@ def test_ctrl_c_under_torchrun_stops_every_process_at_the_same_step(tmp_path):
     said = [line for line in out.splitlines() if "SIGINT at step" in line]
     # process 0 saved after a step that the other process finished too: the step's all-reduce carried the request
     assert len(said) == 1 and f"step {saved_step(run)} " in said[0], out[-3000:]
-    assert not [line for line in out.splitlines() if 'File "' in line and "fastmcl" in line], out[-3000:]  # torchrun's own traceback of the SIGINT is expected
+    # torchrun prints its own traceback of the SIGINT; none of the processes it ran may have failed
+    assert not [line for line in out.splitlines() if 'File "' in line and "fastmcl" in line], out[-3000:]
 
 
 def test_a_killed_worker_is_restarted_and_the_run_continues_exactly(tmp_path):

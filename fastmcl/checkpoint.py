@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .distributed import launch_rank
+
 LAST = "last.pt"  # `RUN/checkpoints/last.pt`: what `--resume RUN` continues from
 PREVIOUS = "previous.pt"  # the `last.pt` that the newest one replaced: the fallback when `last.pt` cannot be read
 
@@ -114,7 +116,7 @@ def load_resume_checkpoint(run_or_file: str | Path) -> tuple[Path, dict]:
         state = load_checkpoint(previous)
     except CheckpointError as e:
         raise CheckpointError(f"{newest}; and the previous one: {e}") from e
-    if int(os.environ.get("RANK") or 0) == 0:   # under torchrun every process loads; one says so
+    if launch_rank() == 0:   # under torchrun every process loads it; one says so
         print(f"fastmcl: warning: {newest}; resuming from the previous checkpoint {previous} "
               f"(step {state.get('step')})", file=sys.stderr, flush=True)
     return previous, state
@@ -125,6 +127,7 @@ def check_same_classes(trained: dict | None, here: dict, run: str | Path) -> Non
     the classifiers' shapes and the meaning of their outputs depend on them."""
     if not trained:
         return
+
     def shown(card: dict) -> str:
         names = card.get("class_names")
         return f"{card['num_classes']} classes" + (f" ({', '.join(map(str, names[:3]))}, ...)" if names else "")

@@ -1,14 +1,13 @@
 """`python -m fastmcl.train`: the command-line entry point (see README). Bad input → one line on stderr, exit 2."""
 from __future__ import annotations
 
-import dataclasses
 import signal
 import sys
 from pathlib import Path
 
 from . import distributed
 from .checkpoint import CheckpointError, has_checkpoint
-from .config import build_parser, load_yaml, parse_config
+from .config import config_from, parse_flags
 from .build import RUN_FILES, build_trainer, resume_config
 from .trainer import NonFiniteLoss
 
@@ -16,17 +15,13 @@ from .trainer import NonFiniteLoss
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = parse_config(argv)
-        state = None
-        if cfg.resume == "auto":
-            resume, anew = resume_auto(cfg.out)
-            cfg = dataclasses.replace(cfg, resume=resume, overwrite=cfg.overwrite or anew)
-        if cfg.resume:
-            explicit = vars(build_parser().parse_args(argv))
-            yaml_path = explicit.pop("config", None)
-            overrides = {**(load_yaml(yaml_path) if yaml_path else {}), **explicit}
-            overrides.pop("resume", None)
-            cfg, state = resume_config(cfg.resume, overrides)
+        values = parse_flags(argv)      # argv parsed once; the explicit values also override a resumed run's
+        resume = values.pop("resume", "")
+        if resume == "auto":
+            resume, anew = resume_auto(values.get("out", ""))
+            if anew:
+                values["overwrite"] = True
+        cfg, state = resume_config(resume, values) if resume else (config_from(values), None)
         trainer = build_trainer(cfg, resume_state=state)
         if state is not None and distributed.launch_rank() == 0:
             print(f"fastmcl: resuming {cfg.resume} at step {state['step']} (epoch {state['epoch']})", flush=True)

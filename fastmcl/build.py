@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, run_dir_of
+from .checkpoint import (CheckpointError, check_same_classes, find_checkpoint, load_checkpoint, load_resume_checkpoint,
+                         run_dir_of)
 from .config import TrainConfig
 from .data import NegativeSampler
 from .meta import FD_STEP, MetaPhase
@@ -145,6 +146,8 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
         torch.use_deterministic_algorithms(True)
     data = TrainData(cfg, source, device, m_per_class=cfg.m_per_class if needs.m_per_class else 0,
                      rank=info.rank, world_size=info.world_size, views=len(cfg.members()) if needs.views else 1)
+    if resume_state is not None:
+        check_same_classes(resume_state.get("data"), data.card(), cfg.resume)
     nets = build_networks(run, data.num_classes, len(data.labels), ema=False)
     cohort, objective = nets.cohort.to(device), nets.objective.to(device)
     if cfg.channels_last:
@@ -186,8 +189,11 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
 def load_run(path: str | Path, *, best: bool) -> tuple[Path, TrainConfig, dict]:
     """The one loader of a run's checkpoint: `find_checkpoint(path, best=best)` read, with its config. A file that is
     not a fastmcl checkpoint (no usable config) is a CheckpointError."""
-    checkpoint = find_checkpoint(path, best=best)
-    state = load_checkpoint(checkpoint)
+    if best:
+        checkpoint = find_checkpoint(path, best=True)
+        state = load_checkpoint(checkpoint)
+    else:       # what --resume continues: last.pt, or previous.pt when last.pt cannot be read
+        checkpoint, state = load_resume_checkpoint(path)
     try:
         return checkpoint, TrainConfig(**state["config"]), state
     except (KeyError, TypeError) as e:      # no config, or a config of fields this fastmcl does not have
@@ -196,7 +202,7 @@ def load_run(path: str | Path, *, best: bool) -> tuple[Path, TrainConfig, dict]:
 
 def resume_config(path: str | Path, overrides: dict) -> tuple[TrainConfig, dict]:
     """The config of the run to continue (a run folder or a checkpoint file) with the explicitly given flags on top,
-    and its last checkpoint's state."""
+    and its last checkpoint's state (the previous one when that cannot be read)."""
     checkpoint, before, state = load_run(path, best=False)
     run = run_dir_of(checkpoint)
     values = dataclasses.asdict(before)

@@ -9,25 +9,30 @@ from __future__ import annotations
 import os
 import random
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .distributed import launch_rank
+
 LAST = "last.pt"  # `RUN/checkpoints/last.pt`: what `--resume RUN` continues from
 BEST = "best.pt"  # `RUN/checkpoints/best.pt`: the best deployed top-1 so far (what evaluate and export read)
+PREVIOUS = "previous.pt"  # the `last.pt` that the newest one replaced: the fallback when `last.pt` cannot be read
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or not a checkpoint; the message is one line naming the path."""
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
+def save_checkpoint(path: str | Path, state: dict, *, keep_previous: str | Path | None = None) -> None:
     """Write `state` to `path` atomically (parents are created): a temp file beside it, fsynced, then `os.replace`.
 
     A kill at any instant leaves the previous file or the new one, and at worst the temp file, which the next save of
-    the same target overwrites.
+    the same target overwrites. `keep_previous`: first rename the file `path` held to this name (the fallback of
+    docs/runtime.md "Checkpoints"); a kill between the two renames leaves it and no `path`.
     """
     if not isinstance(state, dict):
         raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
@@ -39,10 +44,20 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the rename can expose it
+        if keep_previous is not None and path.is_file():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    try:  # the renames themselves survive a crash of the machine (where the file system lets a folder be fsynced)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError:
+        pass
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
@@ -84,6 +99,49 @@ def find_checkpoint(run_or_file: str | Path, *, best: bool = False) -> Path:
         raise CheckpointError(f"no checkpoint in {path}: no such run folder or checkpoint file")
     raise CheckpointError(f"no checkpoint in {path}: no {' or '.join('checkpoints/' + n for n in names)} in this "
                           f"folder (expected a checkpoint file or a run folder)")
+
+
+def has_checkpoint(run: str | Path) -> bool:
+    """Whether the run folder holds a checkpoint to resume (`--resume auto` continues it, else starts anew)."""
+    return any((Path(run) / "checkpoints" / name).is_file() for name in (LAST, PREVIOUS))
+
+
+def load_resume_checkpoint(run_or_file: str | Path) -> tuple[Path, dict]:
+    """The checkpoint `--resume` continues from, and its state. A run folder whose `last.pt` is missing or cannot be
+    read falls back to its `previous.pt`, and process 0 says so in one line on stderr; a named file loads as it is."""
+    given = Path(run_or_file)
+    last, previous = given / "checkpoints" / LAST, given / "checkpoints" / PREVIOUS
+    if given.is_file() or not previous.is_file():
+        path = find_checkpoint(given)
+        return path, load_checkpoint(path)
+    try:
+        return last, load_checkpoint(last)
+    except CheckpointError as e:
+        newest = str(e)
+    try:
+        state = load_checkpoint(previous)
+    except CheckpointError as e:
+        raise CheckpointError(f"{newest}; and the previous one: {e}") from e
+    if launch_rank() == 0:   # under torchrun every process loads it; one says so
+        print(f"fastmcl: warning: {newest}; resuming from the previous checkpoint {previous} "
+              f"(step {state.get('step')})", file=sys.stderr, flush=True)
+    return previous, state
+
+
+def check_same_classes(trained: dict | None, here: dict, run: str | Path) -> None:
+    """One line when a run would continue on data whose classes differ from its checkpoint's data card (`trained`):
+    the classifiers' shapes and the meaning of their outputs depend on them."""
+    if not trained:
+        return
+
+    def shown(card: dict) -> str:
+        names = card.get("class_names")
+        return f"{card['num_classes']} classes" + (f" ({', '.join(map(str, names[:3]))}, ...)" if names else "")
+
+    names, was = here.get("class_names"), trained.get("class_names")
+    if here["num_classes"] != trained["num_classes"] or (names and was and names != was):
+        raise CheckpointError(f"--resume {run}: the run was trained on {shown(trained)}, this data has {shown(here)}; "
+                              f"resume on the data it was trained on, or start a new run")
 
 
 def run_dir_of(checkpoint: str | Path) -> Path:

@@ -117,7 +117,8 @@ class TrainConfig:
     deterministic: bool = _f(False, "run", "deterministic algorithms, no workers' nondeterminism")
     log_every: int = _f(10, "run", "write a train event every N steps")
     ckpt_every: int = _f(0, "run", "also checkpoint every N steps (0: only at epoch ends)")
-    resume: str = _f("", "run", "continue a run: its folder (from checkpoints/last.pt) or a checkpoint file")
+    resume: str = _f("", "run", "continue a run: its folder (from checkpoints/last.pt) or a checkpoint file; 'auto': "
+                                "the --out folder's run if it has a checkpoint, else a new run there")
     progress: bool = _f(True, "run", "tqdm progress bar")
 
     # -- resolution --------------------------------------------------------------------------------------------------

@@ -78,6 +78,11 @@ def init_distributed(device: str | torch.device = "auto", *,
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend()), device
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (`RANK`), readable before the process group starts; 0 alone."""
+    return int(os.environ.get("RANK") or 0)
+
+
 def shutdown() -> None:
     """Destroy the process group if there is one (safe to call always)."""
     if dist.is_available() and dist.is_initialized():

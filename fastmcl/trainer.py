@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import sys
 import time
 import warnings
@@ -19,11 +18,12 @@ from tqdm import tqdm
 
 from . import distributed as dist
 from .accuracy import evaluate_classifiers
-from .checkpoint import BEST, LAST, capture_rng_state, restore_rng_state, save_checkpoint
+from .checkpoint import BEST, LAST, PREVIOUS, capture_rng_state, restore_rng_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistEnv
 from .methods import MethodNeeds, Objective
 from .run_log import RunLogger
+from .stopping import StopRequest
 
 if TYPE_CHECKING:   # built by fastmcl.build; the loop only calls them
     from .data import NegativeSampler
@@ -104,7 +104,7 @@ class Trainer:
         self.epoch, self.step, self.step_in_epoch, self.best_top1 = 0, 0, 0, -1.0
         if resume_state is not None:
             self._load_state(resume_state)
-        self._stop_signal: int | None = None
+        self.stop, self._last_saved_step = StopRequest(), -1
 
     # -- state --------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -132,10 +132,12 @@ class Trainer:
         restore_rng_state(state["rng"])
 
     def save(self, name: str = LAST) -> Path:
-        """Rank 0 writes; the other ranks hold the same state."""
+        """Rank 0 writes (the others hold the same state); a new step keeps the last.pt it replaces as previous.pt"""
         path = self.ckpt_dir / name
         if self.dist.is_main:
-            save_checkpoint(path, self.state_dict())
+            keep = name == LAST and self.step != self._last_saved_step
+            save_checkpoint(path, self.state_dict(), keep_previous=path.with_name(PREVIOUS) if keep else None)
+            self._last_saved_step = self.step if name == LAST else self._last_saved_step
         return path
 
     # -- one step -----------------------------------------------------------------------------------------------------
@@ -159,12 +161,12 @@ class Trainer:
         names = ["loss", *out.terms]
         packed = torch.stack([out.loss.detach()] + [out.terms[n].to(out.loss.dtype) for n in names[1:]])
         if self.dist.enabled:     # log global means; the same all-reduce carries a stop request to every rank
-            packed = torch.cat([packed, packed.new_tensor([float(self._stop_signal is not None)])])
+            packed = torch.cat([packed, packed.new_tensor([float(self.stop.signum is not None)])])
             dist.all_reduce_sum(packed)
             packed[:-1] /= self.dist.world_size
         values = packed.tolist()     # the step's one host sync: the NaN check before the update, and the log
-        if self.dist.enabled and values.pop() > 0 and self._stop_signal is None:
-            self._stop_signal = signal.SIGTERM
+        if self.dist.enabled and values.pop() > 0:
+            self.stop.request()
         terms = dict(zip(names, values))
         loss = terms["loss"]
         if not math.isfinite(loss):
@@ -192,9 +194,6 @@ class Trainer:
                                     autocast=self.autocast, channels_last=self.cfg.channels_last, reduce_counts=reduce)
 
     # -- the loop -----------------------------------------------------------------------------------------------------
-    def _on_signal(self, signum, frame):
-        self._stop_signal = signum
-
     def fit(self) -> dict:
         cfg = self.cfg
         main = self.dist.is_main
@@ -202,7 +201,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.to_yaml(self.out / "config.yaml")
         log = RunLogger(self.out, enabled=main)
-        previous = signal.signal(signal.SIGTERM, self._on_signal)
+        self.stop.install()
         if main:
             self._print_header()
         steps_per_epoch = self.data.steps_per_epoch()
@@ -238,15 +237,14 @@ class Trainer:
                         window_start, window_images = time.perf_counter(), 0
                     if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                         self.save()
-                    if self._stop_signal is not None or self._done():
+                    if self.stop.signum is not None or self._done():
                         break
                 bar.close()
-                if self._stop_signal is not None:
+                if self.stop.signum is not None:
                     path = self.save()
                     if main:
-                        print(f"fastmcl: received signal {self._stop_signal} at step {self.step}: saved {path}, "
-                              f"exiting", flush=True)
-                    return {"stopped": True, "step": self.step}
+                        self.stop.report(path, self.step, self.epoch)
+                    return {"stopped": True, "step": self.step, "signal": self.stop.signum}
                 last_eval = self._evaluate_and_save(log, losses, epoch_done=self.step_in_epoch >= steps_per_epoch)
             if not last_eval:
                 last_eval = self.evaluate()
@@ -255,7 +253,7 @@ class Trainer:
                     "deployed": deployed, "deployed_top1": last_eval[deployed][0], "main": self.dist.is_main,
                     "out": str(self.out)}
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            self.stop.restore()
             log.close()
 
     def _print_header(self) -> None:

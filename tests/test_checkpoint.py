@@ -19,6 +19,7 @@ from fastmcl.checkpoint import (
     capture_rng_state,
     find_checkpoint,
     load_checkpoint,
+    load_resume_checkpoint,
     restore_rng_state,
     run_dir_of,
     save_checkpoint,
@@ -170,6 +171,32 @@ def test_find_checkpoint(tmp_path):
     assert run_dir_of(find_checkpoint(last)) == run_dir_of(find_checkpoint(tmp_path)) == tmp_path
     save_checkpoint(tmp_path / "elsewhere.pt", {"epoch": 2})
     assert run_dir_of(find_checkpoint(tmp_path / "elsewhere.pt")) == tmp_path
+
+
+def test_keep_previous_and_the_fallback_to_it(tmp_path, capsys):
+    """`last.pt` replaced with `keep_previous` leaves the old one as `previous.pt` (renamed, no temp left); a resume of
+    the run folder falls back to it when `last.pt` is torn or missing, in one line; a file named explicitly does not."""
+    ckpts = tmp_path / "checkpoints"
+    last, previous = ckpts / "last.pt", ckpts / "previous.pt"
+    for step in (1, 2, 3):
+        save_checkpoint(last, {"step": step}, keep_previous=previous)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "previous.pt"]
+    assert load_checkpoint(previous) == {"step": 2}
+    assert load_resume_checkpoint(tmp_path) == (last, {"step": 3}) and not capsys.readouterr().err
+    last.write_bytes(last.read_bytes()[:20])
+    assert load_resume_checkpoint(tmp_path) == (previous, {"step": 2})
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(last) in err and str(previous) in err, err
+    with pytest.raises(CheckpointError, match="last.pt"):
+        load_resume_checkpoint(last)                              # named explicitly: that file or an error
+    last.unlink()                                                 # a kill between the two renames
+    assert load_resume_checkpoint(tmp_path) == (previous, {"step": 2})
+    previous.write_bytes(b"")
+    save_checkpoint(last, {"step": 4})
+    last.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError) as info:                  # neither readable: one line naming both
+        load_resume_checkpoint(tmp_path)
+    assert str(last) in str(info.value) and str(previous) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_leftover_temp_is_replaced_by_the_next_save(tmp_path):

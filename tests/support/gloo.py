@@ -2,7 +2,8 @@
 
 `run_ranks` spawns the ranks once and runs named scenarios in order on each; every rank saves its results (or the
 traceback of the scenario that failed) to a file, so a failing rank fails a test instead of hanging, and the parent
-kills stragglers after a deadline. `torchrun_command` builds a `torch.distributed.run` command line for end-to-end runs.
+kills stragglers after a deadline. `torchrun_command` builds a `torch.distributed.run` command line for end-to-end
+runs, `torchrun_workers` finds the processes it started.
 """
 from __future__ import annotations
 
@@ -36,6 +37,24 @@ def torchrun_command(nproc: int = 2) -> list[str]:
     """`python -m torch.distributed.run` on this host with `nproc` processes; append the script and its arguments."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
             "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+
+
+def torchrun_workers(agent_pid: int) -> dict[int, int]:
+    """The worker processes a torchrun agent has started now: `{RANK: pid}` (from /proc, Linux)."""
+    workers = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != agent_pid:
+                continue
+            env = dict(v.split("=", 1) for v in (entry / "environ").read_text().split("\0") if "=" in v)
+        except (OSError, IndexError, ValueError):
+            continue      # gone meanwhile
+        if "RANK" in env:
+            workers[int(env["RANK"])] = int(entry.name)
+    return workers
 
 
 def _rank_main(rank: int, world: int, port: int, scenarios: dict[str, Scenario], outdir: str) -> None:

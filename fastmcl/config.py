@@ -26,8 +26,8 @@ def _f(default, group: str, help: str, **kw):
 @dataclass
 class TrainConfig:
     # data
-    data: str = _f("", "data", "dataset: an ImageFolder root (train/, val/), a CIFAR-100 python folder, or 'synthetic'; "
-                               "empty = the bundled digits demo")
+    data: str = _f("", "data", "dataset: an ImageFolder root (train/, val/), a CIFAR-100 python folder, 'synthetic', or "
+                               "'digits' (the bundled demo, also when empty)")
     num_classes: int = _f(10, "data", "classes of --data synthetic")
     synthetic_samples: int = _f(512, "data", "train samples of --data synthetic (val: a quarter)")
     image_size: int | None = _f(None, "data", "train/val crop size (default: 32 for CIFAR-style data, 224 otherwise)")
@@ -117,10 +117,14 @@ class TrainConfig:
         """Fill every None: first from `method_defaults` (what the method sets: memory bank, cohort size, τ and the
         contrastive weights), then from the data style (spec/lmcl.md §0, §3)."""
         c = dataclasses.replace(self)
+        if len(c.arch) > 1 and c.cohort not in (None, len(c.arch)):
+            raise ValueError(f"--cohort {c.cohort}: {len(c.arch)} architectures are given by --arch")
+        c.cohort = len(c.arch) if len(c.arch) > 1 else c.cohort
         for name, value in (method_defaults or {}).items():
             if getattr(c, name) is None:
                 setattr(c, name, value)
         c.cohort = c.cohort or 2
+        c.arch, c.data = c.members(), c.data or ("digits" if demo else c.data)   # what the run uses, written out
         c.memory_bank = bool(c.memory_bank)
         c.image_size = (32 if cifar_style else 224) if c.image_size is None else c.image_size
         c.val_resize = c.val_resize or round(c.image_size / 0.875)

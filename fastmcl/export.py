@@ -30,6 +30,7 @@ from torch import nn
 from .build import build_networks, load_run
 from .checkpoint import CheckpointError
 from .config import TrainConfig
+from .console import quiet_on_closed_output
 from .methods import Objective
 from .models import Classifier, Cohort, extract_member
 from .models.ema import EmaCohort
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@quiet_on_closed_output
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:

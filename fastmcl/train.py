@@ -7,9 +7,11 @@ from . import distributed
 from .checkpoint import CheckpointError
 from .config import build_parser, load_yaml, parse_config
 from .build import build_trainer, resume_config
+from .console import final_line, quiet_on_closed_output
 from .trainer import NonFiniteLoss
 
 
+@quiet_on_closed_output
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -21,7 +23,12 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {**(load_yaml(yaml_path) if yaml_path else {}), **explicit}
             overrides.pop("resume", None)
             cfg, state = resume_config(cfg.resume, overrides)
-        result = build_trainer(cfg, resume_state=state).fit()
+        trainer = build_trainer(cfg, resume_state=state)
+        try:
+            result = trainer.fit()
+        except BaseException:
+            trainer.run_folder.release()     # a start that failed before its first checkpoint leaves nothing
+            raise
     except NonFiniteLoss as e:
         print(f"fastmcl: error: {e}; stopped, the last good checkpoint is kept in checkpoints/last.pt",
               file=sys.stderr)
@@ -35,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         distributed.shutdown()      # under torchrun: leave the process group cleanly
     if "eval" in result and result["main"]:
-        best = max(result["eval"].items(), key=lambda kv: kv[1][0])
-        print(f"fastmcl: done at step {result['step']}; deployed {result['deployed']} top-1 "
-              f"{result['deployed_top1']:.2f}% (best classifier {best[0]} {best[1][0]:.2f}%); run {result['out']}")
+        print(final_line(result))
     return 0
 
 

@@ -3,6 +3,7 @@ registers its class (`base.register`); importing them here, in this order, fills
 from __future__ import annotations
 
 from .base import MethodContext, MethodNeeds, Objective, StepOutput, get_method, registered
+from .baseline import Baseline
 from .dml import DML
 from .one import ONE
 from .okddip import OKDDip
@@ -37,5 +38,6 @@ def build_method(name: str, **settings) -> Objective:
     return cls.create(ctx)
 
 
-__all__ = ["METHODS", "CLILR", "ContrastWeights", "DML", "KDCL", "LMCL", "MCL", "MethodContext", "MethodNeeds",
-           "OKDDip", "ONE", "Objective", "PCL", "StepOutput", "build_method", "get_method", "method_needs"]
+__all__ = ["METHODS", "Baseline", "CLILR", "ContrastWeights", "DML", "KDCL", "LMCL", "MCL", "MethodContext",
+           "MethodNeeds", "OKDDip", "ONE", "Objective", "PCL", "StepOutput", "build_method", "get_method",
+           "method_needs"]

@@ -16,6 +16,7 @@ from torch import nn
 from . import distributed as dist
 from .checkpoint import find_checkpoint, load_checkpoint, run_dir_of
 from .config import TrainConfig
+from .console import status
 from .data import NegativeSampler
 from .meta import FD_STEP, MetaPhase
 from .methods import ContrastWeights, Objective, build_method, get_method
@@ -157,6 +158,7 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
+    status(f"reading the {source.kind} data...", info.is_main)
     data = TrainData(cfg, source, device, m_per_class=cfg.m_per_class if needs.m_per_class else 0,
                      rank=info.rank, world_size=info.world_size, views=len(cfg.members()) if needs.views else 1)
     nets = build_networks(cfg, data.num_classes, len(data.labels), ema=False)

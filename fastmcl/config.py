@@ -26,8 +26,8 @@ def _f(default, group: str, help: str, **kw):
 @dataclass
 class TrainConfig:
     # data
-    data: str = _f("", "data", "dataset: an ImageFolder root (train/, val/), a CIFAR-100 python folder, 'synthetic', or "
-                               "'digits' (the bundled demo, also when empty)")
+    data: str = _f("", "data", "dataset: an ImageFolder root (train/, val/), a CIFAR-100 python folder, "
+                               "'synthetic', or 'digits' (the bundled demo, also when empty)")
     num_classes: int = _f(10, "data", "classes of --data synthetic")
     synthetic_samples: int = _f(512, "data", "train samples of --data synthetic (val: a quarter)")
     image_size: int | None = _f(None, "data", "train/val crop size (default: 32 for CIFAR-style data, 224 otherwise)")

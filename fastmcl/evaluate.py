@@ -43,7 +43,8 @@ def evaluate_run(run: TrainedRun, *, data: str | None = None, batch_size: int | 
                               batch_size=batch_size or cfg.batch_size, amp=amp or cfg.amp)
     _, torch_device = init_distributed(cfg.device)
     trained = run.data
-    val = TrainData(cfg, detect_source(cfg, splits=("val",)), torch_device, val_only=True, stats=(trained["mean"], trained["std"]))
+    val = TrainData(cfg, detect_source(cfg, splits=("val",)), torch_device, val_only=True,
+                    stats=(trained["mean"], trained["std"]))
     here = val.card()
     if here["num_classes"] != trained["num_classes"]:
         raise ValueError(f"--data {cfg.data or '(digits demo)'}: {here['num_classes']} classes, but the networks were "

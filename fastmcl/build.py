@@ -112,7 +112,8 @@ class RunFolder:
     """A new run's folder, made only when config, data and networks are valid; `runs/latest` points at a default one.
     `release` takes back a start that failed before any checkpoint: nothing is left and `runs/latest` is restored."""
     path: Path
-    fresh: bool                          # made by this invocation (not resumed)
+    fresh: bool                          # written by this invocation from the start (not resumed)
+    made: bool = False                   # the folder itself made by this invocation
     latest: Path | None = None           # runs/latest when this run set it
     previous: str | None = None          # where runs/latest pointed before
 
@@ -124,15 +125,16 @@ class RunFolder:
             for pattern in RUN_FILES:
                 for old in out.glob(pattern):
                     shutil.rmtree(old) if old.is_dir() else old.unlink()
+        made = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         if cfg.out:
-            return cls(out, fresh=True)
+            return cls(out, fresh=True, made=made)
         latest = out.parent / "latest"
         previous = os.readlink(latest) if latest.is_symlink() else None
         if latest.is_symlink() or not latest.exists():
             latest.unlink(missing_ok=True)
             latest.symlink_to(out.name, target_is_directory=True)
-        return cls(out, fresh=True, latest=latest, previous=previous)
+        return cls(out, fresh=True, made=made, latest=latest, previous=previous)
 
     def release(self) -> None:
         if not self.fresh or any((self.path / "checkpoints").glob("*.pt")):
@@ -140,7 +142,7 @@ class RunFolder:
         for pattern in RUN_FILES:
             for old in self.path.glob(pattern):
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
-        if not any(self.path.iterdir()):
+        if self.made and not any(self.path.iterdir()):
             self.path.rmdir()
         if self.latest is not None and os.path.realpath(self.latest) == str(self.path.resolve()):
             self.latest.unlink()

@@ -209,7 +209,7 @@ class RunLogger:
             from matplotlib.ticker import MaxNLocator
 
             fig = Figure(figsize=(11, 4), dpi=100, layout="constrained")
-            ax_loss, ax_acc = fig.subplots(1, 2)
+            ax_loss, ax_acc = fig.subplots(1, 2, sharex=True)   # one step axis: an evaluation sits under its steps
             steps = sorted(self._train_loss)  # inf would wreck the axis limits; nan leaves a gap
             ax_loss.plot(steps, [_finite(self._train_loss[s]) for s in steps], linewidth=1.2,
                          marker="." if len(steps) < 50 else None, label="train loss")

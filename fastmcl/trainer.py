@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
 from . import distributed as dist
 from .checkpoint import LAST, capture_rng_state, restore_rng_state, save_checkpoint
 from .config import TrainConfig
@@ -292,7 +293,7 @@ class Trainer:
                   file=sys.stderr, flush=True)
         first = ["compiling the training step with torch.compile (minutes)"] if cfg.compile else []
         if self.meta is not None:
-            first.append(f"a meta phase (about 7 steps' work; then every {cfg.meta_freq} batches)")
+            first.append(f"a meta phase (the cost of several steps; then every {cfg.meta_freq} batches)")
         status(f"first step{' with ' + ' and '.join(first) if first else ''}...")
 
     def _contrast_kind(self) -> str:

@@ -27,7 +27,7 @@ $(STAMP): setup.py Makefile
 train: $(STAMP)
 	$(BIN)/python -m fastmcl.train
 
-# Two pytest processes: the Triton interpreter leaves a process slow for torch CPU ops (DESIGN.md "Kernels").
+# Two pytest processes: the Triton interpreter leaves a process slow for torch CPU ops (docs/losses.md "Backends and numerics").
 # Exit code 5 ("no tests collected") is not a failure for a marker selection that is still empty.
 test: $(STAMP)
 	$(PYTEST) -q -m "not interpreter" tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc

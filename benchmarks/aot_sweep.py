@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from fastmcl.kernels import bank_contrastive, inbatch_contrastive  # noqa: E402
 from fastmcl.losses import lmcl_plan, mcl_plan  # noqa: E402
-from fastmcl.losses.cohort_terms import _plan_indices  # noqa: E402
+from fastmcl.losses import plan_indices  # noqa: E402
 from support.aot import SHARED_LIMIT, compile_launches  # noqa: E402
 
 PLANS = {                                  # "lmcl-NxS": N networks of S stages; "mcl-N": N members
@@ -41,7 +41,7 @@ IDX = ("ce_u", "ce_v", "kl_su", "kl_sv", "kl_tu", "kl_tv")
 def build(op: str, plan, B: int, D: int, dtype: torch.dtype, precision: str, cc: int) -> list:
     """The op's launches for one configuration; `precision` "default" means the op's own default."""
     if op == "inbatch":
-        ix = _plan_indices(plan, torch.device("cpu"))
+        ix = plan_indices(plan, torch.device("cpu"))
         E = torch.empty((plan.num_embeddings, B, D), dtype=dtype, device="meta")
         labels = torch.empty(B, dtype=torch.int64, device="meta")
         kwargs = {} if precision == "default" else {"input_precision": precision}

@@ -1,5 +1,5 @@
 """Memory-bank L-MCL objective on the reference path: naive per-pair vs deduplicated vs K-streamed (CPU, fp32,
-forward + backward; spec/lmcl.md §4.2). The setting, the measurement method and the recorded results:
+forward + backward; docs/official_mcl.md §4.2). The setting, the measurement method and the recorded results:
 docs/losses.md "Benchmark: the bank reference".
 
   naive     `bank_contrastive_terms` once per ordered stage pair (32 calls, 4 kept [B, K, D] gathers each)
@@ -31,7 +31,7 @@ NUM_STAGES = [4, 4]
 B, K, D, POS_K = 32, 8194, 128, 1
 N_BANK = 1_281_167
 TAU, KD_T = 0.07, 3.0
-COEF = {"vcl": 0.01, "soft_vcl": 1.0, "icl": 0.01, "soft_icl": 1.0}      # L-MCL ImageNet defaults (spec §0)
+COEF = {"vcl": 0.01, "soft_vcl": 1.0, "icl": 0.01, "soft_icl": 1.0}      # L-MCL ImageNet defaults (docs/official_mcl.md §0)
 CASES = {"naive": None, "dedup": None, "streamed_1024": 1024, "streamed_2048": 2048, "streamed_4096": 4096}
 MAIN_STREAMED = "streamed_1024"
 RESULTS = Path(__file__).resolve().parent / "results" / "bank_reference.json"

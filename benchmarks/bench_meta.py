@@ -1,4 +1,4 @@
-"""Cost of one L-MCL meta phase in regular training steps of the same cohort and batch (spec/lmcl.md §4.3; expected
+"""Cost of one L-MCL meta phase in regular training steps of the same cohort and batch (docs/official_mcl.md §4.3; expected
 cost and recorded figures: docs/meta_phase.md "Cost"). Regular steps and meta phases alternate (regular, meta,
 regular, ...) so that a drift of the machine's speed hits both. `exact` is `--meta-derivatives autograd`.
 

@@ -14,26 +14,44 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from .checkpoint import find_checkpoint, load_checkpoint, run_dir_of
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, run_dir_of
 from .config import TrainConfig
 from .console import status
 from .data import NegativeSampler
 from .meta import FD_STEP, MetaPhase
-from .methods import ContrastWeights, Objective, build_method, get_method
+from .methods import Objective, ResolvedMethod, build_method, resolve_method
 from .models import Cohort, build_cohort
 from .models.ema import EmaCohort
-from .pipeline import TrainData, detect_source
+from .pipeline import SMALL_IMAGE_MAX, TrainData, detect_source
 from .trainer import Trainer, TrainingParts
 
 
-def resolve_config(cfg: TrainConfig, *, cifar_style: bool, demo: bool) -> TrainConfig:
-    """Every None filled: the method's own defaults (memory bank on ImageNet-style data where it has one, cohort
-    size, τ and weights), then the data style's."""
-    method = get_method(cfg.method)
-    bank = cfg.memory_bank if cfg.memory_bank is not None else method.supports_memory_bank and not cifar_style
-    defaults = {"memory_bank": bank, "cohort": method.needs_for(bool(bank)).default_members,
-                **method.default_settings(bool(bank))}
-    return cfg.resolve(cifar_style=cifar_style, demo=demo, method_defaults=defaults)
+#: the config fields that set the contrast weights (`ContrastWeights`)
+WEIGHT_FIELDS = ("tau", "alpha", "gamma", "beta", "lam", "kd_T")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A run's config with every None filled, and its method resolved from it: what everything downstream uses."""
+    cfg: TrainConfig
+    method: ResolvedMethod
+
+
+def resolve(cfg: TrainConfig, *, cifar_style: bool, demo: bool) -> Resolved:
+    """The one resolution step: the method (memory bank, needs, contrast weights) from the flags and the data style,
+    then every None of the config from the method (memory bank, cohort size, τ and weights) and the data style, and
+    the config's one validation. Resolving a resolved config changes nothing."""
+    method = resolve_method(cfg.method, memory_bank=cfg.memory_bank, cifar_style=cifar_style,
+                            **{k: getattr(cfg, k) for k in WEIGHT_FIELDS})
+    filled = {"memory_bank": method.memory_bank, "cohort": method.needs.default_members}
+    if method.weights is not None:
+        filled.update({k: getattr(method.weights, k) for k in WEIGHT_FIELDS})
+    return Resolved(cfg.resolve(cifar_style=cifar_style, demo=demo, method_defaults=filled), method)
+
+
+def resolve_saved(cfg: TrainConfig) -> Resolved:
+    """A config a run wrote (every field already filled) resolved again: its method's needs and weights."""
+    return resolve(cfg, cifar_style=(cfg.image_size or 0) <= SMALL_IMAGE_MAX, demo=False)
 
 
 @dataclass
@@ -44,23 +62,20 @@ class Networks:
     ema: EmaCohort | None
 
 
-def build_networks(cfg: TrainConfig, num_classes: int, num_samples: int, *, ema: bool = True) -> Networks:
-    """Cohort, objective and (where the method keeps one and `ema`) EMA copy for a resolved config, on the CPU, freshly
+def build_networks(run: Resolved, num_classes: int, num_samples: int, *, ema: bool = True) -> Networks:
+    """Cohort, objective and (where the method keeps one and `ema`) EMA copy for a resolved run, on the CPU, freshly
     initialised. Training takes its EMA copy after the cohort's SyncBN conversion and DDP start instead."""
-    bank = bool(cfg.memory_bank)
-    needs = get_method(cfg.method).needs_for(bank)
+    cfg, needs = run.cfg, run.method.needs
     archs = cfg.members()
     cohort = build_cohort(archs, num_classes, aux=needs.aux, shared_stem=cfg.shared_stem or needs.shared_trunk,
                           trunk_stages=None if needs.shared_trunk else 1)
     if needs.trunk_grad_scale:
         cohort.trunk_grad_scale = 1.0 / len(archs)
-    weights = ContrastWeights(cfg.alpha, cfg.gamma, cfg.beta, cfg.lam, tau=cfg.tau, kd_T=cfg.kd_T) \
-        if cfg.tau is not None and None not in (cfg.alpha, cfg.gamma, cfg.beta, cfg.lam) else None
-    objective = build_method(cfg.method, feature_dims=cohort.feature_dims, num_stages=cohort.num_stages,
-                             num_classes=num_classes, memory_bank=bank, num_samples=num_samples, weights=weights,
-                             feat_dim=cfg.feat_dim, pos_k=cfg.pos_k, nce_m=cfg.nce_m, kd_T=cfg.kd_T,
-                             logit_kd=cfg.logit_kd, backend=cfg.backend, k_chunk=cfg.k_chunk,
-                             trunk_dim=cohort.trunk_dim, rampup_epochs=cfg.rampup_epochs)
+    objective = build_method(run.method, feature_dims=cohort.feature_dims, num_stages=cohort.num_stages,
+                             num_classes=num_classes, num_samples=num_samples, feat_dim=cfg.feat_dim,
+                             pos_k=cfg.pos_k, nce_m=cfg.nce_m, kd_T=cfg.kd_T, logit_kd=cfg.logit_kd,
+                             backend=cfg.backend, k_chunk=cfg.k_chunk, trunk_dim=cohort.trunk_dim,
+                             rampup_epochs=cfg.rampup_epochs)
     return Networks(cohort, objective, EmaCohort(cohort, cfg.ema_alpha) if ema and needs.ema else None)
 
 
@@ -153,9 +168,10 @@ class RunFolder:
 def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trainer:
     """Data, networks, distributed wrapping, optimizers, meta phase and precision for `cfg`, handed to a `Trainer`."""
     source = detect_source(cfg)
-    cfg = resolve_config(cfg, cifar_style=source.cifar_style, demo=source.demo)
-    needs = get_method(cfg.method).needs_for(bool(cfg.memory_bank))
-    info, device = dist.init_distributed(cfg.device)
+    run = resolve(cfg, cifar_style=source.cifar_style, demo=source.demo)
+    needs = run.method.needs
+    info, device = dist.init_distributed(run.cfg.device)
+    cfg = run.cfg
     out = run_dir(cfg)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
@@ -163,7 +179,7 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
     status(f"reading the {source.kind} data...", info.is_main)
     data = TrainData(cfg, source, device, m_per_class=cfg.m_per_class if needs.m_per_class else 0,
                      rank=info.rank, world_size=info.world_size, views=len(cfg.members()) if needs.views else 1)
-    nets = build_networks(cfg, data.num_classes, len(data.labels), ema=False)
+    nets = build_networks(run, data.num_classes, len(data.labels), ema=False)
     cohort, objective = nets.cohort.to(device), nets.objective.to(device)
     if cfg.channels_last:
         cohort.to(memory_format=torch.channels_last)
@@ -173,7 +189,7 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
         dist.broadcast_module_(objective)
         objective.gather = dist.all_gather_with_grad
     negatives = (NegativeSampler(data.labels, cfg.pos_k, cfg.neg_k, seed=cfg.seed).to(device)
-                 if objective.needs.memory_bank else None)
+                 if needs.memory_bank else None)
     optimizer, optimizer_name = make_optimizer(list(cohort.parameters()) + objective.main_parameters(), cfg, device)
     model: nn.Module = cohort   # DDP averages the cohort's gradients in backward; the trainer all-reduces the heads'
     if info.enabled:
@@ -182,7 +198,7 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
     ema = EmaCohort(cohort, cfg.ema_alpha).to(device) if needs.ema else None
     meta_optimizer, meta = None, None
     if objective.supports_meta and cfg.meta_mode != "off":
-        # spec §2.4: the meta-network's own SGD (Nesterov, momentum 0.9, wd), lr on the main schedule
+        # docs/official_mcl.md §2.4: the meta-network's own SGD (Nesterov, momentum 0.9, wd), lr on the main schedule
         meta_optimizer = torch.optim.SGD(objective.meta_parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
                                          weight_decay=cfg.weight_decay)
         meta = MetaPhase(cohort, objective, meta_optimizer, inner_steps=cfg.meta_inner, mode=cfg.meta_mode,
@@ -194,8 +210,8 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
     folder = RunFolder.claim(cfg, out) if info.is_main else RunFolder(out, fresh=False)
     cfg = dataclasses.replace(cfg, out=str(out))
     parts = TrainingParts(
-        cfg=cfg, dist=info, device=device, data=data, cohort=cohort, objective=objective, ema=ema, model=model,
-        negatives=negatives, optimizer=optimizer, optimizer_name=optimizer_name, meta=meta,
+        cfg=cfg, needs=needs, dist=info, device=device, data=data, cohort=cohort, objective=objective, ema=ema,
+        model=model, negatives=negatives, optimizer=optimizer, optimizer_name=optimizer_name, meta=meta,
         meta_optimizer=meta_optimizer, autocast=autocast,
         # fp16 needs loss scaling; the meta phase runs in fp32 then (no scaler inside it)
         meta_autocast=nullcontext() if cfg.amp == "fp16" else autocast,
@@ -205,11 +221,15 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
     return trainer
 
 
-def load_run(path: str | Path) -> tuple[TrainConfig, dict]:
-    """The config and state of a run folder (its `best.pt` if there is one, else `last.pt`) or a checkpoint file."""
-    best = Path(path) / "checkpoints" / "best.pt"
-    state = load_checkpoint(best if best.is_file() else find_checkpoint(path))
-    return TrainConfig(**state["config"]), state
+def load_run(path: str | Path, *, best: bool) -> tuple[Path, TrainConfig, dict]:
+    """The one loader of a run's checkpoint: `find_checkpoint(path, best=best)` read, with its config. A file that is
+    not a fastmcl checkpoint (no usable config) is a CheckpointError."""
+    checkpoint = find_checkpoint(path, best=best)
+    state = load_checkpoint(checkpoint)
+    try:
+        return checkpoint, TrainConfig(**state["config"]), state
+    except (KeyError, TypeError) as e:      # no config, or a config of fields this fastmcl does not have
+        raise CheckpointError(f"{checkpoint} is not a fastmcl checkpoint (no usable config: {e})") from e
 
 
 #: settings of one invocation, not of the run: `--resume` does not inherit them (a resumed run goes to its last epoch)
@@ -219,12 +239,11 @@ INVOCATION_ONLY = ("max_steps", "overwrite", "progress")
 def resume_config(path: str | Path, overrides: dict) -> tuple[TrainConfig, dict]:
     """The config of the run to continue (a run folder or a checkpoint file) with the explicitly given flags on top,
     and its last checkpoint's state."""
-    checkpoint = find_checkpoint(path)
-    state = load_checkpoint(checkpoint)
+    checkpoint, before, state = load_run(path, best=False)
     run = run_dir_of(checkpoint)
-    defaults = TrainConfig()
-    values = {**state["config"], **{name: getattr(defaults, name) for name in INVOCATION_ONLY}}
-    before, after = TrainConfig(**values), TrainConfig(**{**values, **overrides})
+    values = {**dataclasses.asdict(before), **{name: getattr(TrainConfig(), name) for name in INVOCATION_ONLY}}
+    before = TrainConfig(**values)
+    after = TrainConfig(**{**values, **overrides})
     for what, was, now in (("--method", before.method, after.method), ("members", before.members(), after.members()),
                            ("--cohort", before.cohort, after.cohort),
                            ("--shared-stem", before.shared_stem, after.shared_stem),

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 LAST = "last.pt"  # `RUN/checkpoints/last.pt`: what `--resume RUN` continues from
+BEST = "best.pt"  # `RUN/checkpoints/best.pt`: the best deployed top-1 so far (what evaluate and export read)
 
 
 class CheckpointError(ValueError):
@@ -69,15 +70,20 @@ def _reason(e: BaseException) -> str:
     return f"corrupt or not written by torch.save ({type(e).__name__}: {lines[0].split('. ')[0][:200]})"
 
 
-def find_checkpoint(run_or_file: str | Path) -> Path:
-    """The checkpoint `--resume` names: a checkpoint file itself, or `RUN/checkpoints/last.pt` for a run folder."""
+def find_checkpoint(run_or_file: str | Path, *, best: bool = False) -> Path:
+    """A checkpoint file as given, or a run folder's `checkpoints/best.pt` (with `best`, when there is one), else its
+    `checkpoints/last.pt` (what `--resume` continues from)."""
     path = Path(run_or_file)
     if path.is_file():
         return path
-    if not (path / "checkpoints" / LAST).is_file():
-        raise CheckpointError(f"no checkpoint in {path}: expected a checkpoint file or a run folder with "
-                              f"checkpoints/{LAST}")
-    return path / "checkpoints" / LAST
+    names = (BEST, LAST) if best else (LAST,)
+    for name in names:
+        if (path / "checkpoints" / name).is_file():
+            return path / "checkpoints" / name
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint in {path}: no such run folder or checkpoint file")
+    raise CheckpointError(f"no checkpoint in {path}: no {' or '.join('checkpoints/' + n for n in names)} in this "
+                          f"folder (expected a checkpoint file or a run folder)")
 
 
 def run_dir_of(checkpoint: str | Path) -> Path:

@@ -1,7 +1,8 @@
 """The one typed training config: dataclass defaults → optional YAML (`--config`) → command-line flags.
 
 Fields carry their argparse group and help text; `None` means "resolved from the data and method" by `resolve()`
-(e.g. τ = 0.1 in-batch / 0.07 with a memory bank, spec/lmcl.md §0). The resolved config is written to RUN/config.yaml.
+(e.g. τ = 0.1 in-batch / 0.07 with a memory bank, docs/official_mcl.md §0). The resolved config is written to
+RUN/config.yaml.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .meta import META_MODES
+from .losses.backend import BACKENDS
 
 def _f(default, group: str, help: str, **kw):
     if isinstance(default, list):
@@ -48,10 +49,10 @@ class TrainConfig:
                                       "default resnet32 for every member", action="append")
     cohort: int | None = _f(None, "model", "number of members when --arch is given once or not at all (default: "
                                            "the method's, 2; ONE/CL-ILR/PCL 3, OKDDip 4)")
-    shared_stem: bool = _f(False, "model", "MCL x n 'branched' variant: members share stem + layer1 (spec Q3)")
+    shared_stem: bool = _f(False, "model", "MCL x n 'branched' variant: members share stem + layer1")
     # method
     method: str = _f("lmcl", "method", "the training method (the table in the README)")
-    memory_bank: bool | None = _f(None, "method", "memory-bank contrast (spec §1.3); default on for ImageNet-style data "
+    memory_bank: bool | None = _f(None, "method", "memory-bank contrast; default on for ImageNet-style data "
                                                   "at >= 64 px, off for CIFAR-style 32 px data")
     tau: float | None = _f(None, "method", "contrastive temperature (0.1 in-batch, 0.07 bank)")
     kd_T: float = _f(3.0, "method", "distillation temperature T")
@@ -63,15 +64,18 @@ class TrainConfig:
     neg_k: int = _f(8192, "method", "bank negatives per anchor")
     feat_dim: int = _f(128, "method", "embedding size of the projection heads")
     nce_m: float = _f(0.5, "method", "memory-bank momentum")
-    logit_kd: bool = _f(False, "method", "MCL: add the mean-logit ensemble KD term (spec §1.4)")
-    meta_mode: str = _f("second-order", "method", "L-MCL meta-optimisation of the matching weights: second-order | "
-                                                  "first-order | off (off keeps the initial meta-network)")
+    logit_kd: bool = _f(False, "method", "MCL: add the mean-logit ensemble KD term")
+    meta_mode: str = _f("second-order", "method", "L-MCL meta-optimisation of the matching weights (off keeps the "
+                                                  "initial meta-network)",
+                        choices=("second-order", "first-order", "off"))
     meta_freq: int | None = _f(None, "method", "run a meta phase every N batches of an epoch, batch 0 included "
                                                "(default 50 CIFAR-style, 500 ImageNet-style)")
     meta_inner: int = _f(2, "method", "virtual inner steps per meta phase")
     meta_derivatives: str = _f("differences", "method", "how the meta phase takes the networks' second derivatives: "
-                               "differences (of fp32 forwards and gradients with the ReLU pieces held fixed) | autograd "
-                               "(double backward, the plain unrolled form, in the autocast dtype)")
+                               "differences (of fp32 forwards and gradients with the ReLU pieces held fixed) or "
+                               "autograd "
+                               "(double backward, the plain unrolled form, in the autocast dtype)",
+                               choices=("differences", "autograd"))
     rampup_epochs: int | None = _f(None, "method", "ONE/OKDDip/PCL sigmoid ramp-up of the distillation weight, "
                                                    "w = exp(-5(1-t/L)^2) (default 80; the digits demo: its epochs)")
     ema_alpha: float = _f(0.999, "method", "PCL temporal mean: alpha_max of the EMA update")
@@ -82,7 +86,8 @@ class TrainConfig:
     momentum: float = _f(0.9, "optim", "SGD momentum")
     nesterov: bool = _f(True, "optim", "Nesterov momentum")
     weight_decay: float | None = _f(None, "optim", "weight decay (5e-4 CIFAR-style, 1e-4 ImageNet-style)")
-    schedule: str | None = _f(None, "optim", "cosine | multistep (default: cosine CIFAR-style, multistep ImageNet-style)")
+    schedule: str | None = _f(None, "optim", "learning-rate schedule (default: cosine CIFAR-style, multistep "
+                                             "ImageNet-style)", choices=("cosine", "multistep"))
     milestones: list[int] = _f([], "optim", "multistep epochs (default 30 60 90)", nargs="+")
     lr_decay: float = _f(0.1, "optim", "multistep factor")
     warmup_epochs: float | None = _f(None, "optim", "linear warm-up from 0 over this many epochs, per step "
@@ -90,15 +95,15 @@ class TrainConfig:
     max_steps: int = _f(0, "optim", "stop after this many steps in total (0 = run all epochs)")
     # speed
     device: str = _f("auto", "speed", "auto | cpu | cuda | cuda:N")
-    backend: str = _f("auto", "speed", "contrastive loss backend: auto | reference | triton")
+    backend: str = _f("auto", "speed", "contrastive loss backend", choices=BACKENDS)
     k_chunk: int | None = _f(2048, "speed", "stream the bank's K in chunks of this size (reference backend)")
     channels_last: bool = _f(False, "speed", "channels_last memory format for the cohort")
-    amp: str = _f("off", "speed", "autocast: off | bf16 | fp16 (fp16 with a GradScaler; losses, softmax statistics, "
-                                  "heads and the meta-network stay fp32)")
+    amp: str = _f("off", "speed", "autocast (fp16 with a GradScaler; losses, softmax statistics, heads and the "
+                                  "meta-network stay fp32)", choices=("off", "bf16", "fp16"))
     compile: bool = _f(False, "speed", "torch.compile the training step (cohort forward + objective + meta-network "
                                        "forward); the meta phase's double backward stays eager")
-    compile_mode: str = _f("default", "speed", "torch.compile mode: default | reduce-overhead (CUDA graphs, static "
-                                               "shapes) | max-autotune")
+    compile_mode: str = _f("default", "speed", "torch.compile mode (reduce-overhead: CUDA graphs, static shapes)",
+                           choices=("default", "reduce-overhead", "max-autotune"))
     compile_backend: str = _f("inductor", "speed", "torch.compile backend (inductor; aot_eager for quick checks)")
     sync_bn: bool = _f(False, "speed", "under torchrun: synchronised BatchNorm over all processes")
     # run
@@ -113,19 +118,18 @@ class TrainConfig:
     progress: bool = _f(True, "run", "tqdm progress bar")
 
     # -- resolution --------------------------------------------------------------------------------------------------
-    def resolve(self, *, cifar_style: bool, demo: bool, method_defaults: dict | None = None) -> "TrainConfig":
-        """Fill every None: first from `method_defaults` (what the method sets: memory bank, cohort size, τ and the
-        contrastive weights), then from the data style (spec/lmcl.md §0, §3)."""
+    def resolve(self, *, cifar_style: bool, demo: bool, method_defaults: dict) -> "TrainConfig":
+        """Fill every None: first from `method_defaults` (what `fastmcl.build.resolve` took from the resolved method:
+        memory bank, cohort size, τ and the contrastive weights), then from the data style (docs/official_mcl.md §0,
+        §3), and validate the result."""
         c = dataclasses.replace(self)
         if len(c.arch) > 1 and c.cohort not in (None, len(c.arch)):
             raise ValueError(f"--cohort {c.cohort}: {len(c.arch)} architectures are given by --arch")
         c.cohort = len(c.arch) if len(c.arch) > 1 else c.cohort
-        for name, value in (method_defaults or {}).items():
+        for name, value in method_defaults.items():
             if getattr(c, name) is None:
                 setattr(c, name, value)
-        c.cohort = c.cohort or 2
         c.arch, c.data = c.members(), c.data or ("digits" if demo else c.data)   # what the run uses, written out
-        c.memory_bank = bool(c.memory_bank)
         c.image_size = (32 if cifar_style else 224) if c.image_size is None else c.image_size
         c.val_resize = c.val_resize or round(c.image_size / 0.875)
         # The digits demo: 1,438 images of 10 classes, so smaller batches (8 classes x 4) and more, gentler steps.
@@ -158,24 +162,19 @@ class TrainConfig:
         need(self.ckpt_every >= 0, "ckpt_every", "must be >= 0")
         need(self.m_per_class is None or self.m_per_class >= 1, "m_per_class", "must be >= 1")
         need(self.workers >= 0, "workers", "must be >= 0")
-        need(0.0 <= self.hw_decoder_load <= 1.0, "hw_decoder_load", f"must be in [0, 1], got {self.hw_decoder_load}")
-        need(self.meta_mode in META_MODES, "meta_mode", f"must be one of {', '.join(META_MODES)}, got {self.meta_mode!r}")
         need(self.meta_freq is None or self.meta_freq >= 1, "meta_freq", "must be >= 1")
         need(self.meta_inner >= 1, "meta_inner", "must be >= 1")
-        need(self.meta_derivatives in ("differences", "autograd"), "meta_derivatives",
-             f"must be differences or autograd, got {self.meta_derivatives!r}")
-        need(self.amp in ("off", "bf16", "fp16"), "amp", f"must be off, bf16 or fp16, got {self.amp!r}")
-        need(self.compile_mode in ("default", "reduce-overhead", "max-autotune"), "compile_mode",
-             f"must be default, reduce-overhead or max-autotune, got {self.compile_mode!r}")
         need(self.rampup_epochs is None or self.rampup_epochs >= 0, "rampup_epochs", "must be >= 0")
         need(0.0 <= self.ema_alpha < 1.0, "ema_alpha", f"must be in [0, 1), got {self.ema_alpha}")
-        need(self.schedule in (None, "cosine", "multistep"), "schedule", f"must be cosine or multistep, got {self.schedule!r}")
-        need(self.backend in ("auto", "reference", "triton"), "backend", f"must be auto, reference or triton, got {self.backend!r}")
         need(self.k_chunk is None or self.k_chunk >= 1, "k_chunk", "must be >= 1")
         for name in ("tau", "kd_T"):
             v = getattr(self, name)
             need(v is None or v > 0, name, f"must be > 0, got {v}")
         need(self.pos_k >= 1 and self.neg_k >= 1, "pos_k", "pos_k and neg_k must be >= 1")
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            need(choices is None or value is None or value in choices, f.name,
+                 f"must be {_one_of(choices)}, got {value!r}" if choices else "")
 
     def members(self) -> list[str]:
         """Architecture of every member: --arch given n > 1 times wins; one --arch (or none) × --cohort."""
@@ -187,6 +186,10 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
 
 
+def _one_of(choices: tuple[str, ...]) -> str:
+    return f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
+
+
 # -- command line ----------------------------------------------------------------------------------------------------
 GROUPS = {"data": "data", "model": "model / cohort", "method": "method", "optim": "optimisation", "speed": "speed",
           "run": "run"}
@@ -194,11 +197,14 @@ GROUPS = {"data": "data", "model": "model / cohort", "method": "method", "optim"
 
 def _base_type(tp):
     """int | None → int; list[str] → str; bool stays bool."""
+    tp = _strip_none(tp)
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+
+
+def _strip_none(tp):
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _base_type(args[0])
-    if typing.get_origin(tp) is list:
-        return typing.get_args(tp)[0]
+        return args[0]
     return tp
 
 
@@ -217,15 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         if base is bool:
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=meta["help"])
-        elif f.name == "method":
-            from .methods import METHODS     # the registry is the one table of names
-            g.add_argument(flag, dest=f.name, type=base, default=argparse.SUPPRESS,
-                           help=f"{meta['help']}: {', '.join(METHODS)}")
         elif meta.get("action") == "append":
             g.add_argument(flag, dest=f.name, action="append", type=base, default=argparse.SUPPRESS, help=meta["help"])
-        else:
+        else:   # choices are checked by `validate` (one message for flags and YAML), shown here
+            choices = meta.get("choices")
             g.add_argument(flag, dest=f.name, type=base, nargs=meta.get("nargs"), default=argparse.SUPPRESS,
-                           help=meta["help"])
+                           metavar="{" + ",".join(choices) + "}" if choices else None, help=meta["help"])
     return p
 
 
@@ -272,7 +275,7 @@ def _scalar(value, base: type):
         if isinstance(value, bool):
             return value
         raise TypeError
-    if isinstance(value, bool) or isinstance(value, (list, dict)):
+    if isinstance(value, (bool, list, dict)):
         raise TypeError
     if base is int:
         number = float(value)
@@ -287,26 +290,30 @@ def _scalar(value, base: type):
     return value
 
 
-def _strip_none(tp):
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
-
-
 def _type_name(tp) -> str:
     inner = _strip_none(tp)
     name = f"a list of {_base_type(tp).__name__}" if typing.get_origin(inner) is list else f"{inner.__name__}"
     return name + (" or null" if inner is not tp else "")
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults → YAML → flags. Errors are ValueError (unknown YAML keys) or argparse's exit 2 (bad flags)."""
+def parse_flags(argv: list[str] | None = None) -> dict:
+    """The values given explicitly: the YAML file's (`--config`), then the command-line flags on top. Errors are
+    ValueError (unknown YAML keys) or argparse's exit 2 (bad flags)."""
     args = vars(build_parser().parse_args(argv))
     yaml_path = args.pop("config", None)
     values = load_yaml(yaml_path) if yaml_path else {}
     values.update(args)
+    return values
+
+
+def config_from(values: dict) -> TrainConfig:
+    """Defaults with `values` on top."""
     try:
         return TrainConfig(**values)
     except TypeError as e:
         raise ValueError(f"config: {e}") from None
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults → YAML → flags."""
+    return config_from(parse_flags(argv))

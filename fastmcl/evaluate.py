@@ -15,11 +15,11 @@ from typing import Iterable
 
 import torch
 
+from .accuracy import evaluate_classifiers
 from .distributed import init_distributed
-from .export import TrainedRun, load_trained
 from .console import quiet_on_closed_output
 from .pipeline import TrainData, detect_source
-from .trainer import evaluate_classifiers
+from .trained import TrainedRun, load_trained
 
 
 class _Counted:

@@ -1,4 +1,4 @@
-"""From a config to batches: which data source, which sampler, which loader (DESIGN.md "Data", docs/data.md).
+"""From a config to batches: which data source, which sampler, which loader (docs/data.md).
 
 Every source yields `(x, labels, dataset_index)` batches for the same global batches (this rank's slice of the
 sampler's order) with augmentation keyed by (seed, view, epoch, index): CIFAR-100 pickles and small (<= 64 px) trees

@@ -5,7 +5,7 @@ import sys
 
 from . import distributed
 from .checkpoint import CheckpointError
-from .config import build_parser, load_yaml, parse_config
+from .config import config_from, parse_flags
 from .build import build_trainer, resume_config
 from .console import final_line, quiet_on_closed_output
 from .trainer import NonFiniteLoss
@@ -15,14 +15,9 @@ from .trainer import NonFiniteLoss
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = parse_config(argv)
-        state = None
-        if cfg.resume:
-            explicit = vars(build_parser().parse_args(argv))
-            yaml_path = explicit.pop("config", None)
-            overrides = {**(load_yaml(yaml_path) if yaml_path else {}), **explicit}
-            overrides.pop("resume", None)
-            cfg, state = resume_config(cfg.resume, overrides)
+        values = parse_flags(argv)      # argv parsed once; the explicit values also override a resumed run's
+        resume = values.pop("resume", "")
+        cfg, state = resume_config(resume, values) if resume else (config_from(values), None)
         trainer = build_trainer(cfg, resume_state=state)
         try:
             result = trainer.fit()

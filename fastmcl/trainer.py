@@ -8,20 +8,28 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import AbstractContextManager, nullcontext
-from typing import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import distributed as dist
-from .checkpoint import LAST, capture_rng_state, restore_rng_state, save_checkpoint
+from .accuracy import evaluate_classifiers
+from .checkpoint import BEST, LAST, capture_rng_state, restore_rng_state, save_checkpoint
 from .config import TrainConfig
 from .console import Progress, status
-from .methods import Objective
+from .distributed import DistEnv
+from .methods import MethodNeeds, Objective
 from .run_log import RunLogger
+
+if TYPE_CHECKING:   # built by fastmcl.build; the loop only calls them
+    from .data import NegativeSampler
+    from .meta import MetaPhase
+    from .models.ema import EmaCohort
+    from .pipeline import TrainData
 
 
 class NonFiniteLoss(RuntimeError):
@@ -29,15 +37,14 @@ class NonFiniteLoss(RuntimeError):
 
 
 def lr_at(cfg: TrainConfig, epoch: int, step_in_epoch: int = 0, steps_per_epoch: int = 1) -> float:
-    """Per-epoch schedule as the official code (spec/lmcl.md §3): cosine 0.1·½(1+cos(π·ep/E)) or step decay;
+    """Per-epoch schedule as the official code (docs/official_mcl.md §3): cosine 0.1·½(1+cos(π·ep/E)) or step decay;
     times an optional per-step linear warm-up over the first `warmup_epochs`."""
     if cfg.schedule == "cosine":
         lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
     else:
         lr = cfg.lr * cfg.lr_decay ** sum(epoch >= m for m in cfg.milestones)
     if cfg.warmup_epochs:
-        progress = (epoch + (step_in_epoch + 1) / steps_per_epoch) / cfg.warmup_epochs
-        lr *= min(1.0, progress)
+        lr *= min(1.0, (epoch + (step_in_epoch + 1) / steps_per_epoch) / cfg.warmup_epochs)
     return lr
 
 
@@ -53,59 +60,22 @@ def batch_size_of(x) -> int:
     return (x[0] if isinstance(x, (list, tuple)) else x).shape[0]
 
 
-@torch.no_grad()
-def evaluate_classifiers(cohort: nn.Module, objective: Objective, ema: nn.Module | None, batches: Iterable,
-                         device: torch.device, *, autocast: AbstractContextManager | None = None,
-                         channels_last: bool = False,
-                         reduce_counts: Callable[[Tensor], Tensor] | None = None) -> dict[str, tuple[float, float]]:
-    """Top-1/top-5 accuracy (percent) of every classifier `objective.eval_logits` names, over `batches` of
-    `(x, y, index)`, sorted by name. The modules are put in eval mode. `reduce_counts` sums the `[3, n]` float64
-    counts over processes when each sees a shard of the validation set (DDP with a sharded reader)."""
-    cohort.eval()
-    objective.eval()
-    if ema is not None:
-        ema.eval()
-    autocast = autocast if autocast is not None else nullcontext()
-    correct1: dict[str, Tensor] = {}
-    correct5: dict[str, Tensor] = {}
-    total = 0
-    for x, y, _ in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            extra = {"ema_outputs": ema(x)} if ema is not None else {}
-            named = objective.eval_logits(cohort(x), **extra)
-        for name, logits in named.items():
-            top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-            hit = top == y[:, None]
-            correct1[name] = correct1.get(name, 0) + hit[:, 0].sum()
-            correct5[name] = correct5.get(name, 0) + hit.any(1).sum()
-        total += y.shape[0]
-    names = sorted(correct1)
-    counts = torch.tensor([[float(correct1[n]) for n in names], [float(correct5[n]) for n in names],
-                           [float(total)] * len(names)], dtype=torch.float64)
-    if reduce_counts is not None:
-        counts = reduce_counts(counts.to(device)).cpu()
-    return {n: (100.0 * float(counts[0, i] / counts[2, i]), 100.0 * float(counts[1, i] / counts[2, i]))
-            for i, n in enumerate(names)}
-
-
 @dataclass
 class TrainingParts:
     """Everything the loop runs on, built by `fastmcl.build.build_trainer` from one resolved config."""
     cfg: TrainConfig
-    dist: object                       # `distributed.DistEnv`: enabled, rank, world_size, is_main
+    needs: MethodNeeds                 # the resolved method's (`fastmcl.methods.resolve_method`)
+    dist: DistEnv
     device: torch.device
-    data: object                       # `TrainData`: train_batches, val_batches, steps_per_epoch, labels, ...
+    data: TrainData
     cohort: nn.Module
     objective: Objective
-    ema: nn.Module | None
+    ema: EmaCohort | None
     model: nn.Module                   # the cohort, or its DDP wrapper
-    negatives: nn.Module | None        # the memory-bank negative sampler
+    negatives: NegativeSampler | None  # the memory-bank contrast indices
     optimizer: torch.optim.Optimizer
     optimizer_name: str
-    meta: object | None                # `MetaPhase`
+    meta: MetaPhase | None
     meta_optimizer: torch.optim.Optimizer | None
     autocast: AbstractContextManager
     meta_autocast: AbstractContextManager
@@ -116,8 +86,12 @@ class Trainer:
     """The loop: `train_step`, `evaluate`, `fit`; it reads the method's `needs`, never its name."""
 
     def __init__(self, parts: TrainingParts, *, resume_state: dict | None = None):
-        for f in dataclasses.fields(parts):
-            setattr(self, f.name, getattr(parts, f.name))
+        p = parts
+        self.cfg, self.needs, self.dist, self.device, self.data = p.cfg, p.needs, p.dist, p.device, p.data
+        self.cohort, self.objective, self.ema, self.model = p.cohort, p.objective, p.ema, p.model
+        self.negatives, self.optimizer, self.optimizer_name = p.negatives, p.optimizer, p.optimizer_name
+        self.meta, self.meta_optimizer, self.scaler = p.meta, p.meta_optimizer, p.scaler
+        self.autocast, self.meta_autocast = p.autocast, p.meta_autocast
         cfg = self.cfg
         self._forward = self._forward_eager
         if cfg.compile:
@@ -204,7 +178,7 @@ class Trainer:
         self.objective.after_step(out, index)
         if self.ema is not None:
             self.ema.update(self.cohort, self.step)
-        # spec §2.4: after the regular update, on the same batch, when batch_idx % meta_freq == 0
+        # docs/official_mcl.md §2.4: after the regular update, on the same batch, when batch_idx % meta_freq == 0
         if self.meta is not None and self.step_in_epoch % self.cfg.meta_freq == 0:
             with self.meta_autocast, dist.local_batchnorm(self.cohort):
                 result = self.meta.step(x, y, contrast_idx, lr if lr is not None else self.optimizer.param_groups[0]["lr"])
@@ -282,10 +256,11 @@ class Trainer:
             log.close()
 
     def _print_header(self) -> None:
-        cfg = self.cfg
+        cfg, needs = self.cfg, self.needs
+        contrast = "memory bank" if needs.memory_bank else "in-batch" if needs.m_per_class else "none"
         print(f"fastmcl: {cfg.method} | members {', '.join(cfg.members())} | data {self.data.source.kind} "
               f"({len(self.data.labels)} train, {self.data.num_classes} classes) via {self.data.loader_name} | "
-              f"contrast: {self._contrast_kind()} | device {self.device} x {self.dist.world_size} process(es) | "
+              f"contrast: {contrast} | device {self.device} x {self.dist.world_size} process(es) | "
               f"amp {cfg.amp} | compile {'on' if cfg.compile else 'off'} | optimizer {self.optimizer_name} | "
               f"deployed: {self.objective.deployed} | run {self.out}", flush=True)
         if cfg.amp == "fp16" and self.device.type == "cpu":
@@ -295,10 +270,6 @@ class Trainer:
         if self.meta is not None:
             first.append(f"a meta phase (the cost of several steps; then every {cfg.meta_freq} batches)")
         status(f"first step{' with ' + ' and '.join(first) if first else ''}...")
-
-    def _contrast_kind(self) -> str:
-        needs = self.objective.needs
-        return "memory bank" if needs.memory_bank else "in-batch" if needs.m_per_class else "none"
 
     def _done(self) -> bool:
         return bool(self.cfg.max_steps) and self.step >= self.cfg.max_steps
@@ -320,6 +291,6 @@ class Trainer:
         top1 = results[deployed][0]
         if top1 > self.best_top1:
             self.best_top1 = top1
-            self.save("best.pt")
+            self.save(BEST)
         self.save()
         return results

@@ -11,6 +11,13 @@ def fp64():
     torch.set_default_dtype(torch.float32)
 
 
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """One small trained run per cohort layout (`support.runs.RUNS`), shared by the evaluate and export tests."""
+    from support.runs import train_runs
+    return train_runs(tmp_path_factory.mktemp("runs"))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module: on a shared 2-core machine a second one spin-waits and slows small forwards."""

@@ -1,6 +1,6 @@
-"""Online-KD baselines (ONE, OKDDip, KDCL, CL-ILR, PCL) against the spec's formulas written out by hand
-(spec/pcl_baselines.md §1, §2), fp64 on tiny cohorts. Gradients of the objective's loss are compared with those of
-the hand loss, so every detach (or its absence) of the spec is checked too."""
+"""Online-KD baselines (ONE, OKDDip, KDCL, CL-ILR, PCL) against the formulas of docs/official_baselines.md written out by hand
+(docs/official_baselines.md §1, §2), fp64 on tiny cohorts. Gradients of the objective's loss are compared with those of
+the hand loss, so every detach (or its absence) there is checked too."""
 import copy
 import math
 
@@ -111,7 +111,7 @@ def test_rampup_weights_the_distillation_terms_via_set_epoch(name):
 
 
 def hand_kd(name, z, y, T, ema=None):
-    """The spec's KD part at temperature T, by hand (kdcl: MinLogit; clilr: mean of the others; pcl: L_pm)."""
+    """The KD part at temperature T, by hand (kdcl: MinLogit; clilr: mean of the others; pcl: L_pm)."""
     m = len(z)
     if name == "kdcl":
         shifted = torch.stack([zk - zk.gather(1, y.view(-1, 1)) for zk in z])

@@ -1,4 +1,4 @@
-"""The deduplicated cohort objective equals the naive sum of official pair calls (DESIGN.md "Decisions")."""
+"""The deduplicated cohort objective equals the naive sum of official pair calls (docs/fidelity.md, last paragraph)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ def test_mcl_two_nets_is_one_pair_call_and_three_nets_follow_spec():
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     e = embeddings_for([1, 1, 1], B, D, seed=7)
     assert close(cohort_contrastive_terms(e[:2], y, mcl_plan(2)), contrastive_terms(e[0], e[1], y))
-    # n = 3: ICL/soft ICL over pairs i<j; VCL once per network; soft VCL over ordered pairs (spec §1.2).
+    # n = 3: ICL/soft ICL over pairs i<j; VCL once per network; soft VCL over ordered pairs (docs/official_mcl.md §1.2).
     calls = {(i, j): contrastive_terms(e[i], e[j], y) for i in range(3) for j in range(3) if i < j}
     vcl_once = sum(contrastive_terms(e[i], e[i], y).vcl / 2 for i in range(3))
     want_icl = sum(c.icl for c in calls.values())

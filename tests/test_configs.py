@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmcl.build import build_networks, resolve_config
+from fastmcl.build import build_networks, resolve
 from fastmcl.config import TrainConfig, load_yaml
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
@@ -19,7 +19,8 @@ def test_parity_configs_exist_for_the_published_tables():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_parity_config_resolves_and_builds(path):
     cifar = path.parent.name == "cifar100"
-    cfg = resolve_config(TrainConfig(**load_yaml(path)), cifar_style=cifar, demo=False)
+    run = resolve(TrainConfig(**load_yaml(path)), cifar_style=cifar, demo=False)
+    cfg = run.cfg
     assert cfg.method in path.stem and cfg.memory_bank == (not cifar and cfg.method in ("mcl", "lmcl"))
-    nets = build_networks(cfg, num_classes=100 if cifar else 1000, num_samples=64)
+    nets = build_networks(run, num_classes=100 if cifar else 1000, num_samples=64)
     assert nets.cohort.members == len(cfg.members()) and nets.objective.name == cfg.method

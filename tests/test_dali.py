@@ -25,6 +25,7 @@ pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip ins
 
 from PIL import Image  # noqa: E402
 
+from fastmcl.build import resolve  # noqa: E402
 from fastmcl.config import TrainConfig  # noqa: E402
 from fastmcl.data import (IMAGENET_MEAN, IMAGENET_STD, DataError, DeviceBatchLoader, ImageFolderDataset,  # noqa: E402
                           ShuffleSampler, imagenet_train_transform, imagenet_val_transform, load_rgb)
@@ -436,7 +437,7 @@ def test_trainer_dali_corrupt_file_exits_with_one_line(tmp_path, capsys, no_hang
 def _cfg(root: Path, **kw) -> TrainConfig:
     cfg = TrainConfig(data=str(root), workers=0, **kw)
     source = detect_source(cfg)
-    return cfg.resolve(cifar_style=source.cifar_style, demo=source.demo), source
+    return resolve(cfg, cifar_style=source.cifar_style, demo=source.demo).cfg, source
 
 
 @pytest.mark.parametrize("m_per_class,rank_split", [(0, False), (2, False), (2, True)],

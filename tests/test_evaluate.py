@@ -9,25 +9,7 @@ from PIL import Image
 
 from fastmcl import evaluate, train
 
-# PCL: members, ensemble and temporal means (ema0 deployed); L-MCL: members, stage heads and aggregators
-METHODS = {"pcl": [], "lmcl": ["--meta-mode", "off"]}
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, one_thread):
-    """One full epoch each (an evaluation logged in metrics.jsonl, best.pt written)."""
-    out = {}
-    for method, extra in METHODS.items():
-        run = tmp_path_factory.mktemp(method) / "run"
-        argv = ["--method", method, "--data", "synthetic", "--num-classes", "10", "--image-size", "32",
-                "--synthetic-samples", "64", "--batch-size", "16", "--epochs", "1", "--no-progress", "--workers", "0",
-                "--out", str(run), *extra]
-        assert train.main(argv) == 0
-        out[method] = run
-    return out
 
 
 def logged_eval(run) -> dict[str, dict]:

@@ -12,39 +12,19 @@ import torch
 from PIL import Image
 
 from fastmcl import export, train
-from fastmcl.build import build_networks, load_run
+from fastmcl.build import build_networks, load_run, resolve_saved
 from fastmcl.models import build_cohort, extract_member
+from support.runs import CLASSES, SAMPLES
 
-# one small run per layout: independent members with auxiliary branches (L-MCL, with memory banks sized by the
-# dataset), branches over a shared trunk (ONE) and a temporal-mean copy of a shared-trunk cohort (PCL); two steps,
-# so that PCL's temporal mean is no longer a copy of its peer
-RUNS = {"lmcl": ["--meta-mode", "off", "--memory-bank", "--neg-k", "4"], "one": [], "pcl": []}
-SAMPLES = 16
-
-pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, one_thread):
-    out = {}
-    for method, extra in RUNS.items():
-        run = tmp_path_factory.mktemp(method) / "run"
-        argv = ["--method", method, "--data", "synthetic", "--num-classes", "8", "--image-size", "32",
-                "--synthetic-samples", str(SAMPLES), "--batch-size", "8", "--epochs", "1", "--no-progress",
-                "--workers", "0", "--out", str(run), *extra]
-        assert train.main(argv) == 0
-        out[method] = run
-    return out
+pytestmark = [pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @functools.cache
 def trained(run_dir):
     """The trained cohort, objective and EMA copy of a run, built here from its checkpoint (not through export)."""
-    cfg, state = load_run(run_dir)
-    nets = build_networks(cfg, 8, SAMPLES)
+    _, cfg, state = load_run(run_dir, best=True)
+    nets = build_networks(resolve_saved(cfg), CLASSES, SAMPLES)
     nets.cohort.load_state_dict(state["cohort"])
     nets.objective.load_state_dict(state["objective"])
     if nets.ema is not None:
@@ -94,12 +74,12 @@ def test_exported_logits_equal_the_members(runs, tmp_path, method, member, other
     got, meta = exported_logits(out, x, fmt)
     name = "ema0" if member == "deployed" else member      # PCL deploys its first temporal mean
     expected = cohort_logits(runs[method], name, x)
-    assert got.shape == (4, 8)
+    assert got.shape == (4, CLASSES)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert not torch.allclose(got, cohort_logits(runs[method], other, x), atol=1e-4)   # it is that member
-    _, state = load_run(runs[method])
+    *_, state = load_run(runs[method], best=True)
     recorded = state.get("data") or {}
-    assert meta["arch"] == "resnet32" and meta["num_classes"] == 8 and meta["image_size"] == 32
+    assert meta["arch"] == "resnet32" and meta["num_classes"] == CLASSES and meta["image_size"] == 32
     assert meta["member"] == name and meta["deployed"] == (name == {"pcl": "ema0"}.get(method, "net0"))
     assert meta["method"] == method
     for key in ("class_names", "mean", "std"):
@@ -136,7 +116,7 @@ def test_default_output_goes_into_the_run_folder(runs):
     assert export.main([str(runs["one"] / "checkpoints" / "last.pt"), "--member", "net2"]) == 0
     net, meta = export.load_exported(runs["one"] / "export" / "net2.pt")
     assert meta["member"] == "net2" and not meta["deployed"]
-    assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 8)
+    assert net(torch.zeros(1, 3, 32, 32)).shape == (1, CLASSES)
 
 
 def test_metadata_of_an_imagefolder_run(tmp_path):

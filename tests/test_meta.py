@@ -109,10 +109,9 @@ def test_meta_phase_changes_only_the_meta_network(mode):
     assert all(p.grad is None for p in obj.meta_parameters())
 
 
-def test_bad_meta_mode():
-    cohort, obj, *_ = tiny_setup()
-    with pytest.raises(ValueError, match="meta mode"):
-        MetaPhase(cohort, obj, None, mode="third-order")
+def test_bad_meta_mode(tmp_path, capsys):
+    rc = main(["--data", "synthetic", "--meta-mode", "third-order", "--out", str(tmp_path / "r"), "--no-progress"])
+    assert rc == 2 and "--meta-mode: must be second-order, first-order or off" in capsys.readouterr().err
 
 
 def _flat(tensors):

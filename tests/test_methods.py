@@ -1,4 +1,4 @@
-"""Method objectives against hand compositions of the spec's formulas (fp64, tiny cohorts)."""
+"""Method objectives against hand compositions of the formulas in docs/official_mcl.md and docs/official_baselines.md (fp64, tiny cohorts)."""
 import pytest
 import torch
 import torch.nn.functional as F

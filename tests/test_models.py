@@ -1,5 +1,5 @@
-"""Model zoo: backbones (+ L-MCL aux branches), heads, meta-network, cohort (spec/lmcl.md §1.1, §1.4, §2.1, §2.3, Q3;
-spec/pcl_baselines.md §1.1, §3)."""
+"""Model zoo: backbones (+ L-MCL aux branches), heads, meta-network, cohort (docs/official_mcl.md §1.1, §1.4, §2.1, §2.3, Q3;
+docs/official_baselines.md §1.1, §3)."""
 from __future__ import annotations
 
 import copy
@@ -27,8 +27,8 @@ FEATURE_DIM = {"resnet32": 64, "resnet56": 64, "resnet110": 256, "wrn_16_2": 128
                "resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
 # Published sizes in millions (CIFAR: 100 classes, ImageNet: 1000 classes). ResNet-110 is the *bottleneck* ResNet of
-# the L-MCL/MCL repos (spec §2.1, 256-d feature): 1.17 M as listed in winycg/MCL-OKD's README (the 1.7 M figure
-# belongs to the basic-block ResNet-110, which is not the architecture the spec describes).
+# the L-MCL/MCL repos (docs/official_mcl.md §2.1, 256-d feature): 1.17 M as listed in winycg/MCL-OKD's README (the 1.7 M figure
+# belongs to the basic-block ResNet-110, which is not the architecture docs/official_mcl.md §2.1 describes).
 REFERENCE_MPARAMS = {"resnet32": 0.47, "resnet56": 0.86, "resnet110": 1.17, "wrn_16_2": 0.70, "wrn_40_2": 2.26,
                      "resnet18": 11.69, "resnet34": 21.80, "resnet50": 25.56}
 # Exact counts of this implementation (regression guard; option-B 1x1-conv shortcuts as the official code).
@@ -88,13 +88,13 @@ def test_resnet32_aux_structure_and_size():
     assert net.num_stages == 3 and len(net.aux) == 2
     classifiers = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
     assert len(classifiers) == 3 and all(c.out_features == 100 and c.in_features == 64 for c in classifiers)
-    # aux 1 = fresh layer2+layer3 (+fc), aux 2 = fresh layer3 (+fc), same depth as the backbone (spec §2.1)
+    # aux 1 = fresh layer2+layer3 (+fc), aux 2 = fresh layer3 (+fc), same depth as the backbone (docs/official_mcl.md §2.1)
     assert [len(s) for s in net.aux[0].stages] == [5, 5] and [len(s) for s in net.aux[1].stages] == [5]
     fc = n_params(base.fc)
     expected = n_params(base) + (n_params(base.layer2, base.layer3) + fc) + (n_params(base.layer3) + fc)
     assert n_params(net) == expected
     print(f"\nresnet32+aux: {n_params(net) / 1e6:.4f} M (backbone {n_params(base) / 1e6:.4f} M); "
-          f"2 x resnet32+aux = {2 * n_params(net) / 1e6:.2f} M (spec §4.1: 2.56 M)")
+          f"2 x resnet32+aux = {2 * n_params(net) / 1e6:.2f} M (docs/official_mcl.md §4.1: 2.56 M)")
     assert abs(2 * n_params(net) / 2.56e6 - 1) < 0.01
 
 
@@ -193,7 +193,7 @@ def test_aggregator_matches_explicit_formula():
 # ----------------------------------------------------------------------------------------------------- meta network
 
 def lmcl_pairs(stages: list[int]) -> list[tuple[int, int, int, int]]:
-    """Ordered pairs i≠j, every stage k of i and z of j (spec §2.2 loop order)."""
+    """Ordered pairs i≠j, every stage k of i and z of j (docs/official_mcl.md §2.2 loop order)."""
     n = len(stages)
     return [(i, k, j, z) for i in range(n) for j in range(n) if i != j
             for k in range(stages[i]) for z in range(stages[j])]
@@ -215,7 +215,7 @@ def test_meta_weight_net_matches_naive_loop_fp64():
             cos = (pa @ pb) / (pa.norm() * pb.norm())
             assert abs(w[c, b].item() - 1 / (1 + math.exp(-cos.item()))) < 1e-12
     assert (w > torch.sigmoid(torch.tensor(-1.0))).all() and (w < torch.sigmoid(torch.tensor(1.0))).all()
-    # every unordered pair appears twice with the same weights (spec §2.2)
+    # every unordered pair appears twice with the same weights (docs/official_mcl.md §2.2)
     torch.testing.assert_close(meta(feats, [(1, 2, 0, 1)]), meta(feats, [(0, 1, 1, 2)]))
     assert meta(feats, []).shape == (0, B)
 
@@ -271,7 +271,7 @@ def test_shared_stem_cohort_shares_trunk():
 
 def test_shared_stem_pcl_split():
     cohort = build_cohort(["wrn_16_2"] * 3, 10, shared_stem=True, trunk_stages=2)
-    assert len(cohort.trunk) == 3  # stem, layer1, layer2 (spec/pcl_baselines.md §1.1)
+    assert len(cohort.trunk) == 3  # stem, layer1, layer2 (docs/official_baselines.md §1.1)
     assert all(n_params(*cohort.member_modules(i)) == n_params(build_backbone("wrn_16_2", 10)) for i in range(3))
     outs = cohort.eval()(image("wrn_16_2"))
     assert [o.features[0].shape for o in outs] == [(2, 128)] * 3
@@ -335,7 +335,7 @@ def test_cohort_bad_inputs_raise():
         cohort.member_modules(2)
 
 
-# -- EMA copy (PCL temporal mean, spec/pcl_baselines.md §1.4) ---------------------------------------------------------
+# -- EMA copy (PCL temporal mean, docs/official_baselines.md §1.4) ---------------------------------------------------------
 def test_ema_update_rule_and_bn_policy():
     from fastmcl.models.ema import EmaCohort, ema_alpha
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""NegativeSampler: device-side contrast indices for the memory-bank losses (spec/lmcl.md §1.3)."""
+"""NegativeSampler: device-side contrast indices for the memory-bank losses (docs/official_mcl.md §1.3)."""
 from __future__ import annotations
 
 import time

@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from fastmcl import evaluate, export, train
-from fastmcl.build import resolve_config
+from fastmcl.build import resolve
 from fastmcl.config import parse_config
 from fastmcl.pipeline import detect_source
 
@@ -208,7 +208,7 @@ def run_command(argv: list[str], standins: dict[str, Path], work: Path) -> None:
         args, _ = substitute(ns.training_script_args, standins)
         cfg = parse_config(args)
         source = detect_source(cfg)
-        resolve_config(cfg, cifar_style=source.cifar_style, demo=source.demo)
+        resolve(cfg, cifar_style=source.cifar_style, demo=source.demo)
         return
     if prog == "tensorboard":
         exe = Path(sys.executable).with_name("tensorboard")

@@ -11,20 +11,13 @@ import pytest
 import torch
 import yaml
 
-from fastmcl.build import resolve_config
+from fastmcl.build import resolve
 from fastmcl.checkpoint import load_checkpoint
 from fastmcl.config import TrainConfig, parse_config
 from fastmcl.train import main
 from fastmcl.trainer import Trainer
 from run_checks import assert_resume_is_exact
-
-TINY = ["--data", "synthetic", "--synthetic-samples", "48", "--num-classes", "4", "--batch-size", "16",
-        "--image-size", "16", "--workers", "0", "--m-per-class", "4", "--no-progress", "--deterministic", "--log-every", "1"]
-
-
-def events(run: Path, kind: str) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == kind]
+from support.runs import TINY, events, write_yaml
 
 
 @pytest.mark.parametrize("bank", [False, True], ids=["in-batch", "memory-bank"])
@@ -120,7 +113,7 @@ def _imagefolder(root: Path, *, empty_class=False, corrupt=False):
     ("unknown arch", lambda t: TINY + ["--arch", "resnet9000"], "resnet9000"),
     ("unknown method", lambda t: TINY + ["--method", "magic"], "method"),
     ("cohort of one", lambda t: TINY + ["--cohort", "1"], "at least 2"),
-    ("unknown yaml key", lambda t: ["--config", str(_yaml(t, {"batch_sise": 3}))], "batch_sise"),
+    ("unknown yaml key", lambda t: ["--config", str(write_yaml(t, {"batch_sise": 3}))], "batch_sise"),
     ("resume without checkpoint", lambda t: ["--resume", str(t)], "no checkpoint"),
 ])
 def test_bad_input_one_line_nonzero_exit(tmp_path, capsys, case, argv_fn, match):
@@ -131,18 +124,12 @@ def test_bad_input_one_line_nonzero_exit(tmp_path, capsys, case, argv_fn, match)
     assert "Traceback" not in err
 
 
-def _yaml(tmp: Path, data: dict) -> Path:
-    p = tmp / "c.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
-
-
 def test_yaml_sets_defaults_and_flags_override(tmp_path):
-    p = _yaml(tmp_path, {"batch_size": 32, "lr": 0.05, "arch": ["resnet32", "wrn_16_2"]})
+    p = write_yaml(tmp_path, {"batch_size": 32, "lr": 0.05, "arch": ["resnet32", "wrn_16_2"]})
     cfg = parse_config(["--config", str(p), "--lr", "0.2"])
     assert cfg.batch_size == 32 and cfg.lr == 0.2 and cfg.members() == ["resnet32", "wrn_16_2"]
-    assert resolve_config(TrainConfig(), cifar_style=False, demo=False).memory_bank is True
-    assert resolve_config(TrainConfig(method="dml"), cifar_style=False, demo=False).memory_bank is False
+    assert resolve(TrainConfig(), cifar_style=False, demo=False).cfg.memory_bank is True
+    assert resolve(TrainConfig(method="dml"), cifar_style=False, demo=False).cfg.memory_bank is False
 
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path):

@@ -13,7 +13,7 @@ from fastmcl.evaluate import main as evaluate_main
 from fastmcl.export import main as export_main
 from fastmcl.train import main
 from fastmcl.trainer import Trainer
-from test_trainer import TINY, _yaml, events
+from support.runs import TINY, events, write_yaml
 
 pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py
 
@@ -64,11 +64,11 @@ def test_resume_takes_a_folder_or_a_checkpoint_file_and_refuses_a_changed_cohort
     ({"method": "lmcll"}, "did you mean 'lmcl'"),
 ])
 def test_yaml_mistakes_end_in_one_line(tmp_path, capsys, yaml_values, match):
-    one_line_error(capsys, TINY + ["--config", str(_yaml(tmp_path, yaml_values)), "--out", str(tmp_path / "o")], match)
+    one_line_error(capsys, TINY + ["--config", str(write_yaml(tmp_path, yaml_values)), "--out", str(tmp_path / "o")], match)
 
 
 def test_yaml_numbers_in_exponent_form_and_a_single_arch(tmp_path):
-    cfg = _yaml(tmp_path, {"weight_decay": "5e-4", "lr": "1e-1", "arch": "resnet32", "method": "dml", "max_steps": 1})
+    cfg = write_yaml(tmp_path, {"weight_decay": "5e-4", "lr": "1e-1", "arch": "resnet32", "method": "dml", "max_steps": 1})
     run_ok(TINY + ["--config", str(cfg), "--out", str(tmp_path / "o")])
     import yaml
     resolved = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())

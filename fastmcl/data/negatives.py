@@ -1,4 +1,4 @@
-"""Contrast indices for the memory-bank setting (spec/lmcl.md §1.3), vectorised on the device.
+"""Contrast indices for the memory-bank setting (docs/official_mcl.md §1.3), vectorised on the device.
 
 The official ImageNet code draws, per sample in Python, `[own index, pos_k same-class indices]` and `neg_k` indices
 of other classes; `NegativeSampler` draws the same rows for a whole batch with a few int64 tensor ops.
@@ -18,7 +18,7 @@ class NegativeSampler:
 
     Row b is `[index[b], pos_k same-class positives (never index[b], without replacement), neg_k other-class negatives
     (with replacement, uniform over the samples)]`, a pure function of (seed, step, index, column): the same on every
-    device, batch split and process count (DESIGN.md "Data"). Small classes and range checks: docs/data.md
+    device, batch split and process count (docs/data.md "Keyed randomness"). Small classes and range checks: docs/data.md
     "Negatives".
     """
 

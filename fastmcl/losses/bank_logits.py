@@ -1,4 +1,4 @@
-"""E · Mem[idx]ᵀ for all embeddings and all banks at once, plain or K-streamed (spec §4.2; DESIGN.md "Kernels")."""
+"""E · Mem[idx]ᵀ for all embeddings and all banks at once, plain or K-streamed (docs/official_mcl.md §4.2; docs/losses.md "Contracts")."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +9,7 @@ def bank_logits_all(E: Tensor, banks: Tensor, idx: Tensor, k_chunk: int | None =
     """E [NE, B, D], banks [n, N, D] (never differentiated), idx [B, K] → L [NE, n, B, K] with
     L[u, m, b, k] = E[u, b] · banks[m][idx[b, k]].
 
-    Every bank is gathered once and scored against all NE embeddings (spec §4.2: 2 gathers instead of 128), straight
+    Every bank is gathered once and scored against all NE embeddings (docs/official_mcl.md §4.2: 2 gathers instead of 128), straight
     into one output (no stacking copy). k_chunk=None keeps each bank's gather [B, K, D] for backward; k_chunk=c
     streams the gather in chunks of c columns and gathers again in backward, so nothing [B, K, D] stays alive.
     """

@@ -1,6 +1,6 @@
-"""The whole cohort's contrastive terms from a `ContrastPlan`, each distinct logit block computed once (spec §4.2).
+"""The whole cohort's contrastive terms from a `ContrastPlan`, each distinct logit block computed once (docs/official_mcl.md §4.2).
 
-In-batch (spec §1.2): one GEMM gives every block e_u e_vᵀ/τ. Memory bank (spec §1.3): each network's bank is gathered
+In-batch (docs/official_mcl.md §1.2): one GEMM gives every block e_u e_vᵀ/τ. Memory bank (docs/official_mcl.md §1.3): each network's bank is gathered
 once and scored against every embedding. The per-row statistics of the distinct blocks (`inbatch_rows_reference`,
 `bank_rows_reference`: the contracts the kernels implement) are combined with each pair's weights; the values equal
 the sum of the plan's pair calls (`pair_terms`).
@@ -20,8 +20,8 @@ from .rows import ContrastiveTerms, compute_dtype, inbatch_masks, kl_rows, leadi
 
 
 @functools.lru_cache(maxsize=64)
-def _plan_indices(plan: ContrastPlan, device: torch.device) -> dict[str, Tensor]:
-    """Index tensors for one plan on one device (built once; plans are frozen)."""
+def plan_indices(plan: ContrastPlan, device: torch.device) -> dict[str, Tensor]:
+    """A plan's index tables on one device (built once; plans are frozen): what the engine and the kernels read."""
     ce_pos = {b: n for n, b in enumerate(plan.ce_blocks)}
     kl_pos = {b: n for n, b in enumerate(plan.kl_blocks)}
 
@@ -46,6 +46,9 @@ def _plan_indices(plan: ContrastPlan, device: torch.device) -> dict[str, Tensor]
         "kl_is_view": torch.tensor([plan.is_view_block(s) for s, _ in plan.kl_blocks], dtype=torch.bool, device=device),
     }
 
+
+
+_plan_indices = plan_indices     # the old private name, until the kernel tests and benchmarks use the public one
 
 @functools.lru_cache(maxsize=64)
 def _bank_groups(ce_u: tuple, ce_m: tuple, ce_view: tuple, kl_su: tuple, kl_sm: tuple, kl_tu: tuple, kl_tm: tuple,
@@ -122,7 +125,7 @@ def cohort_contrastive_terms(embeddings: list[Tensor], labels: Tensor, plan: Con
                           twice_differentiable=student_out is not None)
 
     E = _stack(embeddings)
-    ix = _plan_indices(plan, E.device)
+    ix = plan_indices(plan, E.device)
     args = (E, labels, ix["ce_u"], ix["ce_v"], ix["kl_su"], ix["kl_sv"], ix["kl_tu"], ix["kl_tv"], tau, kd_T)
     if use == "reference":
         ce, kl = inbatch_rows_reference(*args, student_out=student_out)
@@ -189,7 +192,7 @@ def cohort_bank_contrastive_terms(embeddings: list[Tensor], banks: list[Tensor],
         raise ValueError(f"k_chunk must be None or an int >= 1, got {k_chunk!r}")
 
     E = _stack(embeddings)
-    ix = _plan_indices(plan, E.device)
+    ix = plan_indices(plan, E.device)
     args = (E, banks.detach(), idx.long(), ix["ce_u"], ix["ce_m"], ix["ce_is_view"], ix["kl_su"], ix["kl_sm"],
             ix["kl_tu"], ix["kl_tm"], ix["kl_is_view"], tau, kd_T, pos_k)
     if use == "reference":
@@ -215,7 +218,7 @@ def bank_rows_reference(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_
     index arguments on the host to build it.
     """
     B = E.shape[1]
-    # L[u, m] = e_u · Mem_m[idx]ᵀ / τ: depends on the contrast side only through the bank (spec §4.2).
+    # L[u, m] = e_u · Mem_m[idx]ᵀ / τ: depends on the contrast side only through the bank (docs/official_mcl.md §4.2).
     L = bank_logits_all(E / tau, banks, idx, k_chunk)                      # [NE, n, B, K]
     if groups is None:
         host = (tuple(i.tolist()) for i in (ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view))
@@ -253,9 +256,9 @@ def _bank_rows(L_s: Tensor, L_t: Tensor, specs: tuple, kd_T: float, *, detach_te
 
 
 class _BankRows(torch.autograd.Function):
-    """`_bank_rows` with detached teachers and a flash-style backward (DESIGN.md "Kernels"): only L is saved (no
+    """`_bank_rows` with detached teachers and a flash-style backward (docs/losses.md "Contracts"): only L is saved (no
     [B, K] softmax per block kept, no full-size zero gradient per block slice); backward recomputes each block's
-    softmax from L and adds its gradient into one buffer. Per row, with x the block's logits (spec §1.3):
+    softmax from L and adds its gradient into one buffer. Per row, with x the block's logits (docs/official_mcl.md §1.3):
     ce = lse(x) − mean(x[:n_pos])             →  ∂/∂x = softmax(x) − 1[k < n_pos] / n_pos        (ICL, VCL);
     kl = KL(softmax(t/T) ‖ softmax(s/T)), t detached  →  ∂/∂s = (softmax(s/T) − softmax(t/T)) / T  (soft ICL, VCL).
     """

@@ -1,4 +1,4 @@
-"""Logit-level terms: cross-entropy and the T²-scaled KD KL (spec/lmcl.md §1.4, `DistillKL`)."""
+"""Logit-level terms: cross-entropy and the T²-scaled KD KL (docs/official_mcl.md §1.4, `DistillKL`)."""
 from __future__ import annotations
 
 import torch.nn.functional as F

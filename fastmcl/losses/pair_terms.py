@@ -1,5 +1,5 @@
 """The contrastive terms of one official pair call, written plainly: the oracle the cohort engine and the kernels are
-checked against (spec/lmcl.md §1.2 in-batch, §1.3 memory bank).
+checked against (docs/official_mcl.md §1.2 in-batch, §1.3 memory bank).
 
 Each returns `ContrastiveTerms(vcl, soft_vcl, icl, soft_icl)` over both directions of the call; e_a, e_b [B, D]
 L2-normalised, weight [B] or None (= 1). A fused backend runs the call as a one-pair plan through the cohort engine.
@@ -61,7 +61,7 @@ def bank_contrastive_terms(e_a: Tensor, e_b: Tensor, bank_a: Tensor, bank_b: Ten
     differentiated); idx [B, K] = [own, pos_k positives, negatives] per anchor.
 
     ICL scores Mem_a[idx]·e_b and Mem_b[idx]·e_a over all K columns, the first 1 + pos_k positive; VCL drops the own
-    column and scores each embedding against its own network's bank (Q2 fixed, DESIGN.md: the official ImageNet code
+    column and scores each embedding against its own network's bank (Q2 in docs/fidelity.md: the official ImageNet code
     scores e_b against network a's bank).
     """
     checks.check_embedding_pair(e_a, e_b)

@@ -1,4 +1,4 @@
-"""The per-anchor-row statistics every contrastive term is built from (spec/lmcl.md §1.2, §1.3) and the terms' type.
+"""The per-anchor-row statistics every contrastive term is built from (docs/official_mcl.md §1.2, §1.3) and the terms' type.
 
 Row functions take logits that are already `cos / tau` and reduce over the last dimension, so they work on one [B, K]
 block and on stacked [..., B, K] blocks alike; they compute in the logits' dtype (callers pass fp32 or fp64).
@@ -30,7 +30,7 @@ def inbatch_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def supcon_rows(logits: Tensor, pos_mask: Tensor, denom_mask: Tensor | None = None) -> Tensor:
-    """−Σ_j P[i,j]·(S[i,j] − log Σ_{k: M[i,k]} exp S[i,k]) / Σ_j P[i,j] per row (spec §1.2 `L(S)` before the mean).
+    """−Σ_j P[i,j]·(S[i,j] − log Σ_{k: M[i,k]} exp S[i,k]) / Σ_j P[i,j] per row (docs/official_mcl.md §1.2 `L(S)` before the mean).
 
     A row with no positive (a class of one in the batch; the official code divides 0/0 = NaN) contributes 0. With the
     official samplers every row has a positive and nothing changes.
@@ -54,7 +54,7 @@ def kl_rows(student: Tensor, teacher: Tensor, T: float, *, detach_teacher: bool 
     `detach_teacher=False` (the meta phase's split teacher, `fastmcl.meta`).
 
     Centred form: log p_t − log p_s = (S_t − S_s)/T − (lse_t − lse_s), accurate in fp32 where subtracting two
-    log-softmaxes is not (DESIGN.md "Kernels").
+    log-softmaxes is not (docs/losses.md "Backends and numerics").
     """
     if detach_teacher:
         teacher = teacher.detach()

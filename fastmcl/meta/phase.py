@@ -1,4 +1,4 @@
-"""One L-MCL meta phase (spec/lmcl.md §2.3–2.4): virtual SGD steps on detached copies of the networks and heads, the
+"""One L-MCL meta phase (docs/official_mcl.md §2.3–2.4): virtual SGD steps on detached copies of the networks and heads, the
 hypergradient of the outer loss with respect to the meta-network, then the meta optimizer's step. Nothing a virtual
 step does reaches the real networks, BN statistics, optimizer state or memory banks (docs/meta_phase.md).
 """
@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from .differences import difference_hypergradient
 from .unrolled import Joint, Unroll, exact_hypergradient
 
-META_MODES = ("second-order", "first-order", "off")
 FD_STEP = 1e-3      # the difference path's step h along a unit direction (`--meta-derivatives differences`)
 
 # the backends whose fp32 math mode `ieee_fp32` pins, after torch.backends' global default
@@ -45,15 +44,14 @@ class MetaResult:
 
 
 class MetaPhase:
-    """`mode`: `second-order` differentiates through every virtual step, `first-order` takes each step's Jacobian as
-    the identity. `fd_step`: the difference path's step h (default), or None for the exact autograd form. Under DDP
-    each rank unrolls on its own slice and `reduce_grads` averages the hypergradients before the meta step."""
+    """`mode` (`--meta-mode`, checked with the config): `second-order` differentiates through every virtual step,
+    `first-order` takes each step's Jacobian as the identity, `off` leaves the meta-network as it is. `fd_step`: the
+    difference path's step h (default), or None for the exact autograd form. Under DDP each rank unrolls on its own
+    slice and `reduce_grads` averages the hypergradients before the meta step."""
 
     def __init__(self, cohort: nn.Module, objective: nn.Module, meta_optimizer: torch.optim.Optimizer | None, *,
                  inner_steps: int = 2, mode: str = "second-order", momentum: float = 0.9,
                  weight_decay: float = 5e-4, reduce_grads=None, fd_step: float | None = FD_STEP):
-        if mode not in META_MODES:
-            raise ValueError(f"meta mode must be one of {', '.join(META_MODES)}, got {mode!r}")
         if inner_steps < 1:
             raise ValueError(f"meta inner steps must be >= 1, got {inner_steps}")
         if fd_step is not None and not fd_step > 0:

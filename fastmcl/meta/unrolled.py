@@ -1,4 +1,4 @@
-"""The meta phase's virtual SGD steps as functions of detached copies of θ (spec/lmcl.md §2.3–2.4), and the
+"""The meta phase's virtual SGD steps as functions of detached copies of θ (docs/official_mcl.md §2.3–2.4), and the
 hypergradient differentiated through them by autograd: the exact form (`--meta-derivatives autograd`) that the
 default difference path is checked against (docs/meta_phase.md).
 """

@@ -1,20 +1,24 @@
 """What every method (objective) looks like to the trainer, and the registry of methods by name.
 
 The trainer never branches on a method's name: it reads `needs` to build the cohort and the data path, calls the
-objective on the members' outputs, and evaluates every classifier `eval_logits` names (spec/pcl_baselines.md §3).
+objective on the members' outputs, and evaluates every classifier `eval_logits` names (docs/official_baselines.md §3).
 Each method file registers its class with `@register("name")` and says how it builds (`create`), what it needs
-(`needs_for`) and which config defaults it sets (`default_settings`).
+(`needs_for`) and its default contrast weights (`default_weights`); `fastmcl.methods.resolve_method` calls both,
+once per run.
 """
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..losses import compute_dtype, cross_entropy
+
+if TYPE_CHECKING:
+    from .weights import ContrastWeights
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class MethodContext:
     num_classes: int
     memory_bank: bool = False
     num_samples: int = 0              # dataset size (memory banks)
-    weights: object = None            # `ContrastWeights` (MCL / L-MCL); None: the method's defaults
+    weights: ContrastWeights | None = None   # MCL / L-MCL: the resolved weights (`resolve_method`)
     feat_dim: int = 128
     pos_k: int = 1
     nce_m: float = 0.5
@@ -87,9 +91,9 @@ class Objective(nn.Module):
         return cls.needs
 
     @classmethod
-    def default_settings(cls, memory_bank: bool) -> dict[str, float]:
-        """Config fields this method fills when the user gives none (e.g. τ and the contrastive weights)."""
-        return {}
+    def default_weights(cls, memory_bank: bool) -> "ContrastWeights | None":
+        """The method's contrast weights and temperatures when the user gives none; None without contrastive terms."""
+        return None
 
     @classmethod
     def create(cls, ctx: MethodContext) -> "Objective":
@@ -124,7 +128,7 @@ class Objective(nn.Module):
 
 def fp32(module: nn.Module, x: Tensor) -> Tensor:
     """Run a small head outside autocast in fp32 (fp64 stays fp64): L2-normalised embeddings scaled by 1/τ and the
-    matching weights are too sensitive for bf16/fp16 (spec: losses and softmax statistics in fp32)."""
+    matching weights are too sensitive for bf16/fp16 (losses and softmax statistics stay fp32, docs/losses.md "Backends and numerics")."""
     with torch.autocast(x.device.type, enabled=False):
         return module(x.to(compute_dtype(x)))
 

@@ -1,11 +1,11 @@
-"""CL-ILR (Song & Chai, "Collaborative Learning for Deep Neural Networks", NeurIPS 2018), spec/pcl_baselines.md §2.5,
+"""CL-ILR (Song & Chai, "Collaborative Learning for Deep Neural Networks", NeurIPS 2018), docs/official_baselines.md §2.5,
 as re-implemented in DefangChen/OKDDip `train_one.py --avg --bpscale` (`models/model_cifar/resnet_one.py`):
 a shared trunk whose gradient is rescaled by 1/m (`ILR` backward: `grad_output/num_branches`; the cohort applies it
 via `needs.trunk_grad_scale`), and each branch distilled from the average of the other branches.
 
 L = Σ_j CE(z_j, y) + w(t)·Σ_j KL_T(sg mean_{l≠j} z_l ‖ z_j), T = 3 with T², w = the 80-epoch sigmoid ramp-up
 (OKDDip `train_one.py`: `loss = loss_true + args.alpha * consistency_weight * loss_group`, `--length 80`).
-The target is detached as the spec asks (and as winycg/MCL-OKD `main_cifar_cl_ilr.py` does); OKDDip's `KL_Loss`
+The target is detached as docs/official_baselines.md §2.5 describes (and as winycg/MCL-OKD `main_cifar_cl_ilr.py` does); OKDDip's `KL_Loss`
 would not detach it.
 """
 from __future__ import annotations

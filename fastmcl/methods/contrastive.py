@@ -1,5 +1,5 @@
 """What MCL and L-MCL share: the projection heads' contrastive terms from a `ContrastPlan`, in-batch or against the
-memory banks (spec/lmcl.md §1.2, §1.3), and the banks' momentum update after the optimizer step."""
+memory banks (docs/official_mcl.md §1.2, §1.3), and the banks' momentum update after the optimizer step."""
 from __future__ import annotations
 
 import torch
@@ -21,21 +21,19 @@ class ContrastiveObjective(Objective):
         return MethodNeeds(aux=cls.aux, memory_bank=memory_bank, m_per_class=0 if memory_bank else 2)
 
     @classmethod
-    def default_settings(cls, memory_bank: bool) -> dict[str, float]:
-        w = ContrastWeights.defaults(cls.name, memory_bank)
-        return {"tau": w.tau, "alpha": w.alpha, "gamma": w.gamma, "beta": w.beta, "lam": w.lam}
+    def default_weights(cls, memory_bank: bool) -> ContrastWeights:
+        return ContrastWeights.defaults(cls.name, memory_bank)
 
     @classmethod
     def contrast_settings(cls, ctx: MethodContext) -> dict:
         """The keyword arguments MCL and L-MCL share, from the build context."""
-        return dict(weights=ctx.weights or ContrastWeights.defaults(cls.name, ctx.memory_bank),
+        return dict(weights=ctx.weights,
                     memory_bank=ctx.memory_bank, num_samples=ctx.num_samples, feat_dim=ctx.feat_dim, pos_k=ctx.pos_k,
                     nce_m=ctx.nce_m, backend=ctx.backend, k_chunk=ctx.k_chunk)
 
     def __init__(self, plan: ContrastPlan, *, weights: ContrastWeights, memory_bank: bool,
                  num_samples: int, feat_dim: int, pos_k: int, nce_m: float, backend: str, k_chunk: int | None):
         super().__init__()
-        self.needs = self.needs_for(memory_bank)
         self.w, self.plan = weights, plan
         num_nets = max(plan.net_of) + 1
         self.memory = MemoryBank(num_nets, num_samples, feat_dim, nce_m) if memory_bank else None
@@ -62,7 +60,7 @@ class ContrastiveObjective(Objective):
 
     @torch.no_grad()
     def after_step(self, out: StepOutput, index: Tensor | None) -> None:
-        """The banks store each network's final-stage embedding (spec §1.3)."""
+        """The banks store each network's final-stage embedding (docs/official_mcl.md §1.3)."""
         if self.memory is not None:
             if self.gather is not None:       # DDP: every rank's bank takes the whole global batch
                 index = self.gather(index)

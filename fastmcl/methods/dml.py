@@ -1,4 +1,4 @@
-"""DML (Zhang et al., CVPR 2018) as fixed in spec/pcl_baselines.md §2.1: simultaneous updates, detached peers, T=3
+"""DML (Zhang et al., CVPR 2018) as fixed in docs/official_baselines.md §2.1: simultaneous updates, detached peers, T=3
 with T², L_k = CE(z_k, y) + 1/(K−1) Σ_{l≠k} KL_T(z_k ‖ sg z_l)."""
 from __future__ import annotations
 

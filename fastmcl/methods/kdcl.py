@@ -1,5 +1,5 @@
 """KDCL-MinLogit (Guo et al., "Online Knowledge Distillation via Collaborative Learning", CVPR 2020),
-spec/pcl_baselines.md §2.4: independent networks, each on its own random augmentation of the image.
+docs/official_baselines.md §2.4: independent networks, each on its own random augmentation of the image.
 
 The teacher is parameter-free and detached: z_t = min_k (z_k − z_k[y]) element-wise (`min_logit`).
 L = Σ_k CE(z_k, y) + λ·Σ_k KL_T(z_t ‖ z_k), λ = 1, T = kd_T (3). No ramp-up (none is described for KDCL).

@@ -1,4 +1,4 @@
-"""L-MCL (TPAMI 2023): layer-wise mutual contrastive learning with meta-learned layer matching (spec/lmcl.md §1.4,
+"""L-MCL (TPAMI 2023): layer-wise mutual contrastive learning with meta-learned layer matching (docs/official_mcl.md §1.4,
 §1.5, §2).
 
 Per network: S stage classifiers (backbone + auxiliary branches), an aggregator, one projection head per stage.
@@ -47,12 +47,12 @@ class LMCL(ContrastiveObjective):
     def meta_parameters(self) -> list[nn.Parameter]:
         return list(self.meta_net.parameters())
 
-    # -- the meta phase's objectives (spec §2.4) ---------------------------------------------------------------------
+    # -- the meta phase's objectives (docs/official_mcl.md §2.4) ---------------------------------------------------------------------
     supports_meta = True
 
     def virtual_parameter_prefixes(self) -> list[str]:
         """Besides the networks, the meta phase's virtual SGD steps move the projection heads (MetaSGD wraps
-        net + criterion_mcl, spec §2.4)."""
+        net + criterion_mcl, docs/official_mcl.md §2.4)."""
         return ["heads."]
 
     def inner_loss(self, outputs, labels: Tensor, contrast_idx: Tensor | None,
@@ -70,7 +70,7 @@ class LMCL(ContrastiveObjective):
         return sum_ce([z for o in outputs for z in o.logits], labels)
 
     def matching_weights(self, outputs) -> Tensor:
-        """[P, B] per-pair per-sample weights from the raw stage features (spec §2.3)."""
+        """[P, B] per-pair per-sample weights from the raw stage features (docs/official_mcl.md §2.3)."""
         first = outputs[0].features[0]
         dtype = compute_dtype(first)
         with torch.autocast(first.device.type, enabled=False):  # fp32 like the heads (see `fp32`)

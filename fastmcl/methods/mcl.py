@@ -1,4 +1,4 @@
-"""MCL (AAAI 2022): final-layer mutual contrastive learning over a cohort of n ≥ 2 (spec/lmcl.md §1.2–§1.5).
+"""MCL (AAAI 2022): final-layer mutual contrastive learning over a cohort of n ≥ 2 (docs/official_mcl.md §1.2–§1.5).
 
 Loss = Σ_i CE(z_i) + [logit KD] + α·VCL + γ·softVCL + β·ICL + λ·softICL with `mcl_plan(n)`: ICL over unordered pairs,
 VCL once per network, soft VCL over ordered pairs. In-batch (τ=0.1) or memory bank (τ=0.07, K = 1 + pos_k + neg_k).
@@ -38,7 +38,7 @@ class MCL(ContrastiveObjective):
         logits = [o.logits[-1] for o in outputs]
         terms = {"ce": sum_ce(logits, labels)}
         if self.logit_kd:
-            # spec §1.4: mean-logit ensemble; n = 2 both distil, n > 2 only the last network does.
+            # docs/official_mcl.md §1.4: mean-logit ensemble; n = 2 both distil, n > 2 only the last network does.
             ens = torch.stack(logits).mean(0)
             students = logits if len(logits) == 2 else logits[-1:]
             terms["logit_kd"] = torch.stack([kd_kl(z, ens, self.w.kd_T, detach_teacher=self.detach_ensemble)

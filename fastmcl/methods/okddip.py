@@ -1,4 +1,4 @@
-"""OKDDip (Chen et al., "Online Knowledge Distillation with Diverse Peers", AAAI 2020), spec/pcl_baselines.md §2.3:
+"""OKDDip (Chen et al., "Online Knowledge Distillation with Diverse Peers", AAAI 2020), docs/official_baselines.md §2.3:
 a shared trunk with m−1 auxiliary peers and one group leader (the last member).
 
 L = Σ_{j<m−1} CE(z_j, y) + CE(z_lead, y) + α·w(t)·[Σ_{j<m−1} KL_T(t_j ‖ z_j) + KL_T(mean_{j<m−1} z_j ‖ z_lead)],

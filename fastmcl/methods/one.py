@@ -1,4 +1,4 @@
-"""ONE (Lan, Zhu & Gong, "Knowledge Distillation by On-the-Fly Native Ensemble", NeurIPS 2018), spec/pcl_baselines.md
+"""ONE (Lan, Zhu & Gong, "Knowledge Distillation by On-the-Fly Native Ensemble", NeurIPS 2018), docs/official_baselines.md
 §2.2: a shared trunk with m branches and a gated logit ensemble z_e = Σ_j g_j z_j, the gate read from the trunk.
 
 L = Σ_j CE(z_j, y) + CE(z_e, y) + w(t)·Σ_j KL_T(sg z_e ‖ z_j), T = 3, w = the 80-epoch sigmoid ramp-up.

@@ -1,5 +1,5 @@
 """PCL (Wu & Gong, "Peer Collaborative Learning for Online Knowledge Distillation", AAAI 2021),
-spec/pcl_baselines.md §1: a shared trunk with m peers, one augmented view per peer, a peer ensemble teacher (one FC
+docs/official_baselines.md §1: a shared trunk with m peers, one augmented view per peer, a peer ensemble teacher (one FC
 over the concatenated pooled features) and peer mean teachers (an EMA copy of the whole cohort, kept by the trainer).
 
 L = CE(z_e, y) + Σ_j CE(z_j, y) + w(t)·(Σ_j KL_T(sg z_e ‖ z_j) + Σ_j 1/(m−1) Σ_{l≠j} KL_T(z'_l ‖ z_j)),

@@ -1,5 +1,5 @@
 """The sigmoid-shaped consistency ramp-up of Laine & Aila (arXiv 1610.02242) used by ONE, OKDDip, CL-ILR and PCL
-(spec/pcl_baselines.md §1.3): w(t) = exp(−5·(1 − t/L)²) for epoch t < L, 1 after, with L = 80 by default.
+(docs/official_baselines.md §1.3): w(t) = exp(−5·(1 − t/L)²) for epoch t < L, 1 after, with L = 80 by default.
 
 This is the correct formula (OKDDip `train_GL.py` `get_current_consistency_weight`). The shaoeric PCL reproduction
 divides by the loss weight instead of L, which keeps w ≈ 0 for 80 epochs; that bug is not reproduced here.

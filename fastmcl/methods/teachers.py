@@ -1,4 +1,4 @@
-"""Teacher builders of the online-KD baselines (spec/pcl_baselines.md §3, "teacher builders as pluggable functions
+"""Teacher builders of the online-KD baselines (docs/official_baselines.md §3, "teacher builders as pluggable functions
 over member outputs"), plus the small helpers their objectives share.
 
 | builder            | used by        | parameters                  | output detached?                     |
@@ -59,7 +59,7 @@ def min_logit(logits: list[Tensor], labels: Tensor) -> Tensor:
 
 
 class GatedEnsemble(nn.Module):
-    """ONE's gate: g = softmax(ReLU(BN(FC(GAP(trunk))))) ∈ R^m, z_e = Σ_j g_j z_j (spec §2.2; official ONE and
+    """ONE's gate: g = softmax(ReLU(BN(FC(GAP(trunk))))) ∈ R^m, z_e = Σ_j g_j z_j (docs/official_baselines.md §2.2; official ONE and
     OKDDip `resnet_one.py` `control_v1`/`bn_v1`). `trunk` is the pooled shared-trunk output `[B, trunk_dim]`."""
 
     def __init__(self, trunk_dim: int, members: int):
@@ -74,7 +74,7 @@ class GatedEnsemble(nn.Module):
 
 
 class PeerAttention(nn.Module):
-    """OKDDip's attention-based peer targets (spec §2.3; official `models/model_cifar/resnet_GL.py` forward):
+    """OKDDip's attention-based peer targets (docs/official_baselines.md §2.3; official `models/model_cifar/resnet_GL.py` forward):
     shared Q, K = Linear(C, C//8, bias=False) over each peer's pooled branch feature h_j; per sample
     A = softmax_row(Q(h)·K(h)ᵀ) (no 1/√d scaling, `energy = bmm(proj_q, proj_k^T)`), t_j = Σ_l A_jl z_l
     (`x_m = bmm(pro, attention^T)`). Nothing is detached, so Q, K (and the peers) get gradients through the targets.
@@ -96,7 +96,7 @@ class PeerAttention(nn.Module):
 
 class ConcatClassifier(nn.Module):
     """PCL's peer ensemble teacher: one linear classifier over the concatenated pooled features of the m peers
-    (spec §1.1, a learned feature-level fusion, not a logit sum)."""
+    (docs/official_baselines.md §1.1, a learned feature-level fusion, not a logit sum)."""
 
     def __init__(self, feature_dims: list[int], num_classes: int):
         super().__init__()

@@ -1,4 +1,4 @@
-"""The contrastive loss weights and temperatures of MCL/L-MCL, with the spec's per-setting defaults (spec §0)."""
+"""The contrastive loss weights and temperatures of MCL/L-MCL, with the official code's per-setting defaults (docs/official_mcl.md §0)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ class ContrastWeights:
 
     @classmethod
     def defaults(cls, method: str, memory_bank: bool) -> "ContrastWeights":
-        """In-batch: α=β=0.1, γ=λ=1, τ=0.1. Bank: τ=0.07; L-MCL α=β=0.01, MCL α=β=0.1 (spec §0 table)."""
+        """In-batch: α=β=0.1, γ=λ=1, τ=0.1. Bank: τ=0.07; L-MCL α=β=0.01, MCL α=β=0.1 (docs/official_mcl.md §0 table)."""
         if not memory_bank:
             return cls(0.1, 1.0, 0.1, 1.0, tau=0.1)
         ab = 0.01 if method == "lmcl" else 0.1

@@ -1,9 +1,9 @@
 """Shared pieces of every backbone: the output type, a staged backbone with optional L-MCL auxiliary branches, init.
 
 Every backbone is `stem -> stage_1 -> ... -> stage_S -> post (final norm/act or identity) -> global pool -> fc`.
-With `aux=True` (spec/lmcl.md §2.1) the output of every stage but the last is tapped, and each tap feeds a fresh
+With `aux=True` (docs/official_mcl.md §2.1) the output of every stage but the last is tapped, and each tap feeds a fresh
 branch made of copies of all the remaining stages (+ its own post, pool and fc), so every auxiliary feature has the
-final stage's width. Outputs are ordered `[aux_1, ..., aux_{S-1}, final]` (spec §2.1, [L] lmcl_resnet_cifar.py:270-274).
+final stage's width. Outputs are ordered `[aux_1, ..., aux_{S-1}, final]` (docs/official_mcl.md §2.1, [L] lmcl_resnet_cifar.py:270-274).
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def global_pool(x: Tensor) -> Tensor:
 class Branch(nn.Module):
     """Stages after a split point + post + global pool + classifier; returns `(feature, logits)`.
 
-    Used for the L-MCL auxiliary branches (spec §2.1) and for the per-member branches of a shared-trunk cohort
-    (spec/lmcl.md §3 Q3, spec/pcl_baselines.md §1.1).
+    Used for the L-MCL auxiliary branches (docs/official_mcl.md §2.1) and for the per-member branches of a shared-trunk cohort
+    (docs/fidelity.md Q3, docs/official_baselines.md §1.1).
     """
 
     def __init__(self, stages: nn.Module, post: nn.Module, fc: nn.Linear):
@@ -76,7 +76,7 @@ def init_weights(module: nn.Module, *, zero_linear_bias: bool = False, zero_init
 
 
 class StagedBackbone(nn.Module):
-    """A staged CNN with optional auxiliary branches (spec/lmcl.md §2.1).
+    """A staged CNN with optional auxiliary branches (docs/official_mcl.md §2.1).
 
     Attributes: `feature_dim` (width of every stage feature), `num_stages` (number of outputs: S with aux, 1
     without), `num_res_stages` (residual stages of the trunk). Stages are registered as `layer1..layerS`.
@@ -110,7 +110,7 @@ class StagedBackbone(nn.Module):
 
         self.aux: nn.ModuleList | None = None
         if aux:
-            # Aux branch t (tap after stage t) = fresh copies of stages t+1..S-1 (spec §2.1); CIFAR copies use the
+            # Aux branch t (tap after stage t) = fresh copies of stages t+1..S-1 (docs/official_mcl.md §2.1); CIFAR copies use the
             # backbone's depth, ImageNet copies one block per stage (`aux_blocks`).
             aux_blocks = list(blocks) if aux_blocks is None else list(aux_blocks)
             branches = []

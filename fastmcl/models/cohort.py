@@ -1,8 +1,8 @@
-"""The cohort: the set of networks trained together, for every method (spec/pcl_baselines.md §3).
+"""The cohort: the set of networks trained together, for every method (docs/official_baselines.md §3).
 
 Two layouts:
 - independent members (DML, KDCL, MCL×2, L-MCL): each member owns a whole backbone (heterogeneous archs allowed);
-- shared trunk (MCL×4 "ResNet_b"/"WideResNet_b", spec/lmcl.md §3 Q3; ONE/OKDDip/PCL, spec/pcl_baselines.md §1.1):
+- shared trunk (MCL×4 "ResNet_b"/"WideResNet_b", docs/fidelity.md Q3; ONE/OKDDip/PCL, docs/official_baselines.md §1.1):
   ONE stem + the first `trunk_stages` residual stages, then one branch per member with its own copies of the
   remaining stages, pool and fc.
 Input is one batch for all members, or one view per member (KDCL, PCL). Through a shared trunk, per-member views run
@@ -20,7 +20,7 @@ from .registry import build_backbone
 
 
 class _ScaleGrad(torch.autograd.Function):
-    """Identity forward, gradient × scale backward (CL-ILR's backprop rescaling, spec/pcl_baselines.md §2.5)."""
+    """Identity forward, gradient × scale backward (CL-ILR's backprop rescaling, docs/official_baselines.md §2.5)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: float) -> Tensor:
@@ -111,8 +111,8 @@ def build_cohort(archs: list[str], num_classes: int, *, aux: bool = False, share
     """Build a cohort of `len(archs)` members.
 
     `shared_stem=True` builds the multi-branch layout: one trunk (stem + the first `trunk_stages` residual stages;
-    1 = MCL×4 "ResNet_b" of spec/lmcl.md Q3; None = all but the last, the ONE/OKDDip/CL-ILR/PCL split of
-    spec/pcl_baselines.md §1.1) and one branch per member. It needs identical archs and no aux branches.
+    1 = MCL×4 "ResNet_b" of docs/fidelity.md Q3; None = all but the last, the ONE/OKDDip/CL-ILR/PCL split of
+    docs/official_baselines.md §1.1) and one branch per member. It needs identical archs and no aux branches.
     """
     if isinstance(archs, str) or not isinstance(archs, (list, tuple)) or len(archs) == 0:
         raise ValueError(f"archs: expected a non-empty list of architecture names, got {archs!r}")

@@ -1,9 +1,9 @@
-"""Temporal mean (EMA) copy of a cohort: PCL's peer mean teachers (spec/pcl_baselines.md §1.1, §1.4).
+"""Temporal mean (EMA) copy of a cohort: PCL's peer mean teachers (docs/official_baselines.md §1.1, §1.4).
 
 After every optimizer step: θ' ← α·θ' + (1 − α)·θ with α = min(1 − 1/(step + 1), α_max) — a true running average at
 the start (α = 0 at step 0 makes the copy exact), then α_max = 0.999 (mean teacher).
 
-BN-buffer policy (the spec asks for an explicit one): the EMA copy's running mean/var follow the student's with the
+BN-buffer policy (docs/official_baselines.md §1.4): the EMA copy's running mean/var follow the student's with the
 same α (θ' buffers ← α·θ' + (1 − α)·θ), and `num_batches_tracked` is copied. In training the EMA copy runs in train
 mode (batch statistics, as the PCL reproduction), but its BN momentum is 0, so those forwards never move the running
 statistics: evaluation of an EMA member reads only the averaged ones.

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 
 class EmbedHead(nn.Module):
-    """Projection head ("Embed", spec/lmcl.md §1.1): Linear(d_in→D) → ReLU → Linear(D→D) → x / ‖x‖₂.
+    """Projection head ("Embed", docs/official_mcl.md §1.1): Linear(d_in→D) → ReLU → Linear(D→D) → x / ‖x‖₂.
 
     The norm is `sum(x²)^(1/2)` with no eps, exactly as the official code (a zero row gives NaN, as there).
     Input is flattened first (the ImageNet variant does so; a no-op for `[B, d]`).
@@ -24,7 +24,7 @@ class EmbedHead(nn.Module):
 
 
 class Aggregator(nn.Module):
-    """L-MCL stage aggregator of one network (spec/lmcl.md §1.4, [L] models/aggregator.py:7-29).
+    """L-MCL stage aggregator of one network (docs/official_mcl.md §1.4, [L] models/aggregator.py:7-29).
 
     `concat(raw stage features) → Linear(S·d→d) → ReLU → Linear(d→S) → softmax over stages` gives per-sample
     weights `a[b, s]`; the output is the convex combination `Σ_s a[b, s] · logits[s][b]`.

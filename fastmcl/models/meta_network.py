@@ -1,4 +1,4 @@
-"""L-MCL meta-network for layer matching weights (spec/lmcl.md §2.3, [L] models/meta_network.py:5-43)."""
+"""L-MCL meta-network for layer matching weights (docs/official_mcl.md §2.3, [L] models/meta_network.py:5-43)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -12,7 +12,7 @@ class MetaWeightNet(nn.Module):
     """One `Linear(d_{i,s} → proj_dim)` (bias, no activation) per (network i, stage s) on the raw pooled features.
 
     For a pair (i, k, j, z): `w[b] = sigmoid(<normalize(P_{i,k} f_{i,k}[b]), normalize(P_{j,z} f_{j,z}[b])>)`, so
-    every weight lies in (sigmoid(-1), sigmoid(1)) ≈ (0.27, 0.73). The pair order is the caller's (spec §2.2).
+    every weight lies in (sigmoid(-1), sigmoid(1)) ≈ (0.27, 0.73). The pair order is the caller's (docs/official_mcl.md §2.2).
     """
 
     def __init__(self, feature_dims: list[list[int]], proj_dim: int = 128):

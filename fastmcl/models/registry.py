@@ -37,7 +37,7 @@ def is_imagenet_arch(arch: str) -> bool:
 
 
 def build_backbone(arch: str, num_classes: int, *, aux: bool = False) -> StagedBackbone:
-    """Build one backbone; with `aux=True` it carries the L-MCL auxiliary branches (spec/lmcl.md §2.1)."""
+    """Build one backbone; with `aux=True` it carries the L-MCL auxiliary branches (docs/official_mcl.md §2.1)."""
     _check_arch(arch)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes: must be an integer >= 2, got {num_classes!r}")

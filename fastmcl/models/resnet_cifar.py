@@ -2,8 +2,8 @@
 
 ResNet-32/56 use BasicBlock with n = (depth-2)/6 blocks per stage (64-d final feature). ResNet-110 is the
 **bottleneck** ResNet of the L-MCL/MCL repos: n = (110-2)/9 = 12 blocks per stage, expansion 4 → 256-d final
-feature (spec/lmcl.md §2.1). With `aux=True`: taps after layer1/layer2, aux branch 1 = fresh layer2+layer3 (same
-depth), aux branch 2 = fresh layer3; S = 3 outputs ordered [aux1, aux2, final] (spec §2.1).
+feature (docs/official_mcl.md §2.1). With `aux=True`: taps after layer1/layer2, aux branch 1 = fresh layer2+layer3 (same
+depth), aux branch 2 = fresh layer3; S = 3 outputs ordered [aux1, aux2, final] (docs/official_mcl.md §2.1).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """ImageNet ResNet-18/34/50 in the torchvision layout (7x7/2 stem + 3x3/2 max-pool, 4 stages of 64/128/256/512
 planes, v1.5 bottleneck), as [L] models/lmcl_resnet_imagenet.py.
 
-With `aux=True` (spec/lmcl.md §2.1): taps after layer1/2/3; each aux branch copies the remaining stages with **one
+With `aux=True` (docs/official_mcl.md §2.1): taps after layer1/2/3; each aux branch copies the remaining stages with **one
 block per stage** (`layers=[1,1,1,1]`, [L] lmcl_resnet_imagenet.py:225-242), ending in the last stage's width, so
 S = 4 outputs [aux1, aux2, aux3, final], every feature 512-d (18/34) or 2048-d (50).
 """

@@ -1,7 +1,7 @@
 """One cohort member as a standalone classifier: the network a user deploys after training.
 
 Every member is one backbone of its architecture, whatever the cohort's layout: an independent member is its backbone
-without the L-MCL auxiliary branches (spec/lmcl.md §2.1), a shared-trunk member is the trunk (stem + first stages)
+without the L-MCL auxiliary branches (docs/official_mcl.md §2.1), a shared-trunk member is the trunk (stem + first stages)
 followed by its own branch (remaining stages, post, fc), which together are exactly a backbone's modules, as
 `build_cohort` cut them. So the exported network is always `Classifier(arch, num_classes)`, and its logits equal the
 member's final logits inside the cohort.

@@ -2,7 +2,7 @@
 
 Pre-activation blocks, widths 16 / 16k / 32k / 64k, n = (d-4)/6 blocks per group, final BN+ReLU before pooling,
 dropout 0 by default. With `aux=True`: taps after group1/group2, aux branch 1 = fresh group2+group3, aux branch 2 =
-fresh group3, each with its own final BN+ReLU, pool and fc; outputs [aux1, aux2, final] (spec/lmcl.md §2.1).
+fresh group3, each with its own final BN+ReLU, pool and fc; outputs [aux1, aux2, final] (docs/official_mcl.md §2.1).
 """
 from __future__ import annotations
 

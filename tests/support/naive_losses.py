@@ -1,4 +1,4 @@
-"""Deliberately naive versions of the official loss code (spec/lmcl.md §1.2, §1.3): Python loops, plain exp, no
+"""Deliberately naive versions of the official loss code (docs/official_mcl.md §1.2, §1.3): Python loops, plain exp, no
 log-sum-exp tricks. Used only as an independent oracle for the reference losses."""
 from __future__ import annotations
 

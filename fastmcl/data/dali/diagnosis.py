@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..imagefolder import load_rgb
+from .options import dali_available
 
 
 def is_decode_failure(err: Exception) -> bool:
@@ -68,7 +69,6 @@ def find_undecodable(paths: Sequence[str]) -> tuple[str, str] | None:
             load_rgb(p)
         except DataError as e:
             return p, str(e)
-    from . import dali_available
     if dali_available():
         for p in paths:
             if not _dali_decodes(p):

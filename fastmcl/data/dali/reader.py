@@ -1,4 +1,4 @@
-"""The DALI graphs and their loaders (imported on first use; DESIGN.md "Data", docs/data.md "DALI").
+"""The DALI graphs and their loaders (imported on first use; docs/data.md "DALI").
 
 Decode: `mixed` (nvJPEG, a `hw_decoder_load` share on the hardware decoder) when on the GPU, DALI's CPU backend
 otherwise; EXIF orientation ignored, as in the PIL path. Output per sample "CHW", or "HWC" for channels_last (the
@@ -17,9 +17,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from .. import _keyhash as kh
 from ..errors import DataError, check_int
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD
-from . import check_options, resolve_dali_device
 from .diagnosis import explain_failure, is_decode_failure
 from .feed import FileList, IndexFeed
+from .options import check_options, resolve_dali_device
 
 # Pre-allocation for the mixed decoder (NVIDIA's ResNet-50 recipe): ImageNet's largest image is 5980 x 6430 px.
 IMAGENET_HINTS = {"preallocate_width_hint": 5980, "preallocate_height_hint": 6430,

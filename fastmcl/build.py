@@ -3,6 +3,7 @@ the trainer receives what is built here and only runs the loop."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -16,6 +17,7 @@ from . import distributed as dist
 from .checkpoint import (CheckpointError, check_same_classes, find_checkpoint, load_checkpoint, load_resume_checkpoint,
                          run_dir_of)
 from .config import TrainConfig
+from .console import status
 from .data import NegativeSampler
 from .meta import FD_STEP, MetaPhase
 from .methods import Objective, ResolvedMethod, build_method, resolve_method
@@ -98,23 +100,18 @@ def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> tuple[torc
 RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "checkpoints", "events.out.tfevents.*")
 
 
-def run_dir(cfg: TrainConfig, *, is_main: bool = True) -> Path:
-    """The run's folder: `--out` (empty or new, or resumed, or `--overwrite`n), else a new
-    `runs/<date-time>-<method>-<arch>/` with `runs/latest` pointing at it. Only rank 0 touches the disk."""
+def run_dir(cfg: TrainConfig) -> Path:
+    """The run's folder, checked but not touched: `--out` (empty or new, or resumed, or `--overwrite`n), else a new
+    `runs/<date-time>-<method>-<arch>/`. `RunFolder.claim` makes it once the run is known to start."""
     if cfg.out:
         out = Path(cfg.out)
         if cfg.resume or not out.exists():
             return out
         if not out.is_dir():
             raise ValueError(f"--out {out}: is a file, not a folder")
-        if any(out.iterdir()):
-            if not cfg.overwrite:
-                raise ValueError(f"--out {out}: the folder is not empty; pass --resume {out} to continue that run, "
-                                 f"--overwrite to replace it, or another --out")
-            if is_main:
-                for pattern in RUN_FILES:
-                    for old in out.glob(pattern):
-                        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        if any(out.iterdir()) and not cfg.overwrite:
+            raise ValueError(f"--out {out}: the folder is not empty; pass --resume {out} to continue that run, "
+                             f"--overwrite to replace it, or another --out")
         return out
     runs = Path("runs")
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -124,13 +121,50 @@ def run_dir(cfg: TrainConfig, *, is_main: bool = True) -> Path:
     while out.exists():
         n += 1
         out = runs / f"{stamp}-{cfg.method}-{archs}-{n}"
-    if is_main:
-        out.mkdir(parents=True)
-        latest = runs / "latest"
+    return out
+
+
+@dataclass
+class RunFolder:
+    """A new run's folder, made only when config, data and networks are valid; `runs/latest` points at a default one.
+    `release` takes back a start that failed before any checkpoint: nothing is left and `runs/latest` is restored."""
+    path: Path
+    fresh: bool                          # written by this invocation from the start (not resumed)
+    made: bool = False                   # the folder itself made by this invocation
+    latest: Path | None = None           # runs/latest when this run set it
+    previous: str | None = None          # where runs/latest pointed before
+
+    @classmethod
+    def claim(cls, cfg: TrainConfig, out: Path) -> "RunFolder":
+        if cfg.resume:
+            return cls(out, fresh=False)
+        if cfg.overwrite:
+            for pattern in RUN_FILES:
+                for old in out.glob(pattern):
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
+        made = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.out:
+            return cls(out, fresh=True, made=made)
+        latest = out.parent / "latest"
+        previous = os.readlink(latest) if latest.is_symlink() else None
         if latest.is_symlink() or not latest.exists():
             latest.unlink(missing_ok=True)
             latest.symlink_to(out.name, target_is_directory=True)
-    return out
+        return cls(out, fresh=True, made=made, latest=latest, previous=previous)
+
+    def release(self) -> None:
+        if not self.fresh or any((self.path / "checkpoints").glob("*.pt")):
+            return
+        for pattern in RUN_FILES:
+            for old in self.path.glob(pattern):
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        if self.made and not any(self.path.iterdir()):
+            self.path.rmdir()
+        if self.latest is not None and os.path.realpath(self.latest) == str(self.path.resolve()):
+            self.latest.unlink()
+            if self.previous is not None:
+                self.latest.symlink_to(self.previous, target_is_directory=True)
 
 
 def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trainer:
@@ -139,11 +173,12 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
     run = resolve(cfg, cifar_style=source.cifar_style, demo=source.demo)
     needs = run.method.needs
     info, device = dist.init_distributed(run.cfg.device)
-    cfg = dataclasses.replace(run.cfg, out=str(run_dir(run.cfg, is_main=info.is_main)))
-    run = dataclasses.replace(run, cfg=cfg)
+    cfg = run.cfg
+    out = run_dir(cfg)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
+    status(f"reading the {source.kind} data...", info.is_main)
     data = TrainData(cfg, source, device, m_per_class=cfg.m_per_class if needs.m_per_class else 0,
                      rank=info.rank, world_size=info.world_size, views=len(cfg.members()) if needs.views else 1)
     if resume_state is not None:
@@ -176,6 +211,8 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
                          reduce_grads=dist.all_reduce_mean_grads if info.enabled else None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    folder = RunFolder.claim(cfg, out) if info.is_main else RunFolder(out, fresh=False)
+    cfg = dataclasses.replace(cfg, out=str(out))
     parts = TrainingParts(
         cfg=cfg, needs=needs, dist=info, device=device, data=data, cohort=cohort, objective=objective, ema=ema,
         model=model, negatives=negatives, optimizer=optimizer, optimizer_name=optimizer_name, meta=meta,
@@ -183,7 +220,9 @@ def build_trainer(cfg: TrainConfig, *, resume_state: dict | None = None) -> Trai
         # fp16 needs loss scaling; the meta phase runs in fp32 then (no scaler inside it)
         meta_autocast=nullcontext() if cfg.amp == "fp16" else autocast,
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"))
-    return Trainer(parts, resume_state=resume_state)
+    trainer = Trainer(parts, resume_state=resume_state)
+    trainer.run_folder = folder
+    return trainer
 
 
 def load_run(path: str | Path, *, best: bool) -> tuple[Path, TrainConfig, dict]:
@@ -200,14 +239,20 @@ def load_run(path: str | Path, *, best: bool) -> tuple[Path, TrainConfig, dict]:
         raise CheckpointError(f"{checkpoint} is not a fastmcl checkpoint (no usable config: {e})") from e
 
 
+#: settings of one invocation, not of the run: `--resume` does not inherit them (a resumed run goes to its last epoch)
+INVOCATION_ONLY = ("max_steps", "overwrite", "progress")
+
+
 def resume_config(path: str | Path, overrides: dict) -> tuple[TrainConfig, dict]:
     """The config of the run to continue (a run folder or a checkpoint file) with the explicitly given flags on top,
     and its last checkpoint's state (the previous one when that cannot be read)."""
     checkpoint, before, state = load_run(path, best=False)
     run = run_dir_of(checkpoint)
-    values = dataclasses.asdict(before)
+    values = {**dataclasses.asdict(before), **{name: getattr(TrainConfig(), name) for name in INVOCATION_ONLY}}
+    before = TrainConfig(**values)
     after = TrainConfig(**{**values, **overrides})
     for what, was, now in (("--method", before.method, after.method), ("members", before.members(), after.members()),
+                           ("--cohort", before.cohort, after.cohort),
                            ("--shared-stem", before.shared_stem, after.shared_stem),
                            ("--memory-bank", before.memory_bank, after.memory_bank)):   # the checkpoint's shapes
         if was != now:

@@ -27,8 +27,8 @@ def _f(default, group: str, help: str, **kw):
 @dataclass
 class TrainConfig:
     # data
-    data: str = _f("", "data", "dataset: an ImageFolder root (train/, val/), a CIFAR-100 python folder, or 'synthetic'; "
-                               "empty = the bundled digits demo")
+    data: str = _f("", "data", "dataset: an ImageFolder root (train/, val/), a CIFAR-100 python folder, "
+                               "'synthetic', or 'digits' (the bundled demo, also when empty)")
     num_classes: int = _f(10, "data", "classes of --data synthetic")
     synthetic_samples: int = _f(512, "data", "train samples of --data synthetic (val: a quarter)")
     image_size: int | None = _f(None, "data", "train/val crop size (default: 32 for CIFAR-style data, 224 otherwise)")
@@ -127,9 +127,13 @@ class TrainConfig:
         memory bank, cohort size, τ and the contrastive weights), then from the data style (docs/official_mcl.md §0,
         §3), and validate the result."""
         c = dataclasses.replace(self)
+        if len(c.arch) > 1 and c.cohort not in (None, len(c.arch)):
+            raise ValueError(f"--cohort {c.cohort}: {len(c.arch)} architectures are given by --arch")
+        c.cohort = len(c.arch) if len(c.arch) > 1 else c.cohort
         for name, value in method_defaults.items():
             if getattr(c, name) is None:
                 setattr(c, name, value)
+        c.arch, c.data = c.members(), c.data or ("digits" if demo else c.data)   # what the run uses, written out
         c.image_size = (32 if cifar_style else 224) if c.image_size is None else c.image_size
         c.val_resize = c.val_resize or round(c.image_size / 0.875)
         # The digits demo: 1,438 images of 10 classes, so smaller batches (8 classes x 4) and more, gentler steps.

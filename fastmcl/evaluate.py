@@ -17,6 +17,7 @@ import torch
 
 from .accuracy import evaluate_classifiers
 from .distributed import init_distributed
+from .console import quiet_on_closed_output
 from .pipeline import TrainData, detect_source
 from .trained import TrainedRun, load_trained
 
@@ -41,8 +42,10 @@ def evaluate_run(run: TrainedRun, *, data: str | None = None, batch_size: int | 
     cfg = dataclasses.replace(cfg, data=cfg.data if data is None else data, device=device or cfg.device,
                               batch_size=batch_size or cfg.batch_size, amp=amp or cfg.amp)
     _, torch_device = init_distributed(cfg.device)
-    val = TrainData(cfg, detect_source(cfg), torch_device, m_per_class=0)
-    trained, here = run.data, val.card()
+    trained = run.data
+    val = TrainData(cfg, detect_source(cfg, splits=("val",)), torch_device, val_only=True,
+                    stats=(trained["mean"], trained["std"]))
+    here = val.card()
     if here["num_classes"] != trained["num_classes"]:
         raise ValueError(f"--data {cfg.data or '(digits demo)'}: {here['num_classes']} classes, but the networks were "
                          f"trained on {trained['num_classes']}")
@@ -94,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@quiet_on_closed_output
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .checkpoint import run_dir_of
+from .console import quiet_on_closed_output
 from .models import Classifier
 from .trained import MEMBER, TrainedRun, archive_kind, load_trained
 
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@quiet_on_closed_output
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -4,7 +4,7 @@
 extras), `eval` (epoch, step, member, top1, top5 in percent, extras) and `epoch` (epoch, last step, mean train_loss,
 best_member/best_top1 when the epoch had evals), each with a `"time"`. Non-finite floats are written as the strings
 "nan", "inf", "-inf" (bare NaN is not JSON; `float(value)` reads them back). On resume the file is appended to and
-replayed, so the curves show the whole run (a repeated epoch's later values win) and a torn last line is cut off.
+replayed, so the curves show the whole run (a repeated step's later values win) and a torn last line is cut off.
 Only rank 0 logs: with `enabled=False` every method is a no-op that creates no files.
 """
 from __future__ import annotations
@@ -42,6 +42,10 @@ def jsonable(value: Any) -> Any:
     return jsonable(float(value)) if isinstance(value, Number) else str(value)  # a log line never crashes the run
 
 
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else math.nan
+
+
 def _number(value: Any) -> float | None:
     """A logged value as a float for curves and TensorBoard (the "nan"/"inf" strings included), else None."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -55,16 +59,20 @@ class RunLogger:
     def __init__(self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
         self.out_dir, self.enabled = Path(out_dir), enabled
         self.metrics_path, self.curves_path = self.out_dir / "metrics.jsonl", self.out_dir / "curves.png"
-        self._train_loss: dict[int, float] = {}         # epoch -> mean train loss
-        self._top: dict[str, dict[str, dict[int, float]]] = {"top1": {}, "top5": {}}  # key -> member -> epoch -> %
+        self._train_loss: dict[int, float] = {}         # step -> train loss (every logged step)
+        self._top: dict[str, dict[str, dict[int, float]]] = {"top1": {}, "top5": {}}  # key -> member -> step -> %
+        self._epoch_top1: dict[str, tuple[float, float]] = {}   # member -> top-1, top-5 of this epoch's evaluation
         self._last_step: int | None = None
         self.deployed: str | None = None                 # the deployed classifier, as the eval events name it
+        #: (step, top-1) of the deployed classifier's first best evaluation: what checkpoints/best.pt holds
+        self.best: tuple[int, float] | None = None
         self._file = self._tb = None
         self._closed = False
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._replay()
+        self._epoch_top1 = {}   # a replayed epoch's table is not this run's
         self._file = open(self.metrics_path, "a", buffering=1, encoding="utf-8")  # line-buffered: a crash tears 1 line
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -103,8 +111,7 @@ class RunLogger:
         """Record the epoch's mean train loss, redraw curves.png, return the epoch's member table ("" if disabled)."""
         if not self.enabled:
             return ""
-        rows = {m: (by_epoch[epoch], self._top["top5"].get(m, {}).get(epoch, math.nan))
-                for m, by_epoch in self._top["top1"].items() if epoch in by_epoch}
+        rows, self._epoch_top1 = self._epoch_top1, {}     # member -> (top1, top5) of this epoch's evaluation
         finite = {m: top1 for m, (top1, _) in rows.items() if math.isfinite(top1)}
         best = max(finite, key=finite.get) if finite else None  # ties: the first member logged
         event: dict[str, Any] = {"event": "epoch", "epoch": epoch, "step": self._last_step, "train_loss": train_loss}
@@ -122,10 +129,13 @@ class RunLogger:
             return "\n".join(lines + ["  (no evaluation this epoch)"])
         width = max(len("member"), *map(len, rows))
         lines.append(f"  {'member':<{width}}  {'top1':>7}  {'top5':>7}")
-        marks = {m: ", ".join(w for w, on in (("deployed", m == self.deployed), ("best", m == best)) if on)
-                 for m in rows}
+        marks = {m: ", ".join(w for w, on in (("deployed", m == self.deployed), ("highest this epoch", m == best))
+                              if on) for m in rows}
         lines += [f"  {m:<{width}}  {top1:7.2f}  {top5:7.2f}{f'  <- {marks[m]}' if marks[m] else ''}"
                   for m, (top1, top5) in rows.items()]
+        if self.best is not None:
+            lines.append(f"  checkpoints/best.pt (evaluate, export): {self.deployed} top-1 {self.best[1]:.2f} at "
+                         f"step {self.best[0]}")
         return "\n".join(lines)
 
     def close(self) -> None:
@@ -144,19 +154,24 @@ class RunLogger:
 
     def _absorb(self, event: dict) -> None:
         """Update the curve history from one new or replayed event."""
-        if isinstance(event.get("step"), int) and not isinstance(event["step"], bool):
-            self._last_step = event["step"]
-        epoch = event.get("epoch")
-        if not isinstance(epoch, int):
+        step = event.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
             return
-        if event.get("event") == "epoch" and _number(event.get("train_loss")) is not None:
-            self._train_loss[epoch] = _number(event["train_loss"])
+        self._last_step = step
+        if event.get("event") == "train" and _number(event.get("loss")) is not None:
+            self._train_loss[step] = _number(event["loss"])
         elif event.get("event") == "eval" and "member" in event:
+            member = str(event["member"])
             if event.get("deployed") is True:
-                self.deployed = str(event["member"])
+                self.deployed = member
+                top1 = _number(event.get("top1"))
+                if top1 is not None and math.isfinite(top1) and (self.best is None or top1 > self.best[1]):
+                    self.best = (step, top1)
             for key, by_member in self._top.items():
                 if _number(event.get(key)) is not None:
-                    by_member.setdefault(str(event["member"]), {})[epoch] = _number(event[key])
+                    by_member.setdefault(member, {})[step] = _number(event[key])
+            top1, top5 = (_number(event.get(key)) for key in ("top1", "top5"))
+            self._epoch_top1[member] = (math.nan if top1 is None else top1, math.nan if top5 is None else top5)
 
     def _replay(self) -> None:
         """Rebuild the history from an existing metrics.jsonl (resume); cut off a torn last line left by a crash."""
@@ -187,23 +202,26 @@ class RunLogger:
                 f.write(b"\n")
 
     def _draw_curves(self) -> None:
-        """Redraw curves.png (train loss per epoch | top-1 per member), atomically: temp file, then `os.replace`."""
+        """Redraw curves.png, atomically (temp file, then `os.replace`): the train loss of every logged step | the
+        top-1 of every evaluation (markers) per classifier, both against the step."""
         try:
             from matplotlib.figure import Figure  # no pyplot: no global state, works headless and in any thread
             from matplotlib.ticker import MaxNLocator
 
             fig = Figure(figsize=(11, 4), dpi=100, layout="constrained")
-            ax_loss, ax_acc = fig.subplots(1, 2)
-            series = [(ax_loss, None, self._train_loss)] + [(ax_acc, m, v) for m, v in self._top["top1"].items()]
-            for ax, label, by_epoch in series:
-                epochs = sorted(by_epoch)  # inf would wreck the axis limits; nan leaves a gap
-                deployed, auxiliary = label == self.deployed, label is not None and "." in label
-                ax.plot(epochs, [v if math.isfinite(v) else math.nan for v in map(by_epoch.get, epochs)],
-                        marker="o", markersize=5 if deployed else 3, linewidth=2.8 if deployed else 1.2,
-                        linestyle="--" if auxiliary else "-", zorder=3 if deployed else 2,
-                        label=f"{label} (deployed)" if deployed else label)
-            ax_loss.set(title="train loss", xlabel="epoch", ylabel="loss")
-            ax_acc.set(title="top-1 accuracy", xlabel="epoch", ylabel="top-1 (%)")
+            ax_loss, ax_acc = fig.subplots(1, 2, sharex=True)   # one step axis: an evaluation sits under its steps
+            steps = sorted(self._train_loss)  # inf would wreck the axis limits; nan leaves a gap
+            ax_loss.plot(steps, [_finite(self._train_loss[s]) for s in steps], linewidth=1.2,
+                         marker="." if len(steps) < 50 else None, label="train loss")
+            for label, by_step in self._top["top1"].items():
+                steps = sorted(by_step)
+                deployed, auxiliary = label == self.deployed, "." in label
+                ax_acc.plot(steps, [_finite(by_step[s]) for s in steps], marker="o",
+                            markersize=6 if deployed else 4, linewidth=2.8 if deployed else 1.2,
+                            linestyle="--" if auxiliary else "-", zorder=3 if deployed else 2,
+                            label=f"{label} (deployed)" if deployed else label)
+            ax_loss.set(title="train loss", xlabel="step", ylabel="loss")
+            ax_acc.set(title="top-1 accuracy (evaluations)", xlabel="step", ylabel="top-1 (%)")
             if self._top["top1"]:
                 ax_acc.legend(loc="lower right", fontsize="small")
             for ax in (ax_loss, ax_acc):

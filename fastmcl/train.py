@@ -9,9 +9,11 @@ from . import distributed
 from .checkpoint import CheckpointError, has_checkpoint
 from .config import config_from, parse_flags
 from .build import RUN_FILES, build_trainer, resume_config
+from .console import final_line, quiet_on_closed_output
 from .trainer import NonFiniteLoss
 
 
+@quiet_on_closed_output
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -25,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer = build_trainer(cfg, resume_state=state)
         if state is not None and distributed.launch_rank() == 0:
             print(f"fastmcl: resuming {cfg.resume} at step {state['step']} (epoch {state['epoch']})", flush=True)
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except BaseException:
+            trainer.run_folder.release()     # a start that failed before its first checkpoint leaves nothing
+            raise
     except NonFiniteLoss as e:
         print(f"fastmcl: error: {e}; stopped, the last good checkpoint is kept in checkpoints/last.pt",
               file=sys.stderr)
@@ -41,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.get("signal") == signal.SIGINT:
         return 130
     if "eval" in result and result["main"]:
-        best = max(result["eval"].items(), key=lambda kv: kv[1][0])
-        print(f"fastmcl: done at step {result['step']}; deployed {result['deployed']} top-1 "
-              f"{result['deployed_top1']:.2f}% (best classifier {best[0]} {best[1][0]:.2f}%); run {result['out']}")
+        print(final_line(result))
     return 0
 
 

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import distributed as dist
 from .accuracy import evaluate_classifiers
 from .checkpoint import BEST, LAST, PREVIOUS, capture_rng_state, restore_rng_state, save_checkpoint
 from .config import TrainConfig
+from .console import Progress, status
 from .distributed import DistEnv
 from .methods import MethodNeeds, Objective
 from .run_log import RunLogger
@@ -205,17 +205,15 @@ class Trainer:
         if main:
             self._print_header()
         steps_per_epoch = self.data.steps_per_epoch()
-        bar_on = cfg.progress and main and sys.stderr.isatty()
+        end = min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
+        progress = Progress(max(end - self.step, 0), enabled=main, bar=cfg.progress)
         last_eval: dict[str, tuple[float, float]] = {}
         try:
             while self.epoch < cfg.epochs and not self._done():
                 losses = []
                 self.objective.set_epoch(self.epoch)
-                bar = tqdm(self.data.train_batches(self.epoch, self.step_in_epoch), disable=not bar_on,
-                           total=steps_per_epoch - self.step_in_epoch, desc=f"epoch {self.epoch}", leave=False,
-                           dynamic_ncols=True)
                 window_start, window_images = time.perf_counter(), 0
-                for x, y, index in bar:
+                for x, y, index in self.data.train_batches(self.epoch, self.step_in_epoch):
                     lr = lr_at(cfg, self.epoch, self.step_in_epoch, steps_per_epoch)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
@@ -227,32 +225,32 @@ class Trainer:
                     loss = terms.pop("loss")
                     losses.append(loss)
                     window_images += batch_size_of(x) * self.dist.world_size
-                    bar.set_postfix(loss=f"{loss:.3f}")
+                    ips = None
                     if self.step % cfg.log_every == 0:
                         ips = window_images / (time.perf_counter() - window_start)
                         log.log_train(self.epoch, self.step, loss, lr, ips, **terms)
-                        if main and not bar_on:
-                            print(f"epoch {self.epoch} step {self.step} loss {loss:.4f} lr {lr:.4g} "
-                                  f"{ips:.0f} img/s", flush=True)
                         window_start, window_images = time.perf_counter(), 0
+                    progress.step(self.epoch, self.step, loss, lr, ips)
                     if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                         self.save()
                     if self.stop.signum is not None or self._done():
                         break
-                bar.close()
                 if self.stop.signum is not None:
+                    progress.close()
                     path = self.save()
                     if main:
                         self.stop.report(path, self.step, self.epoch)
                     return {"stopped": True, "step": self.step, "signal": self.stop.signum}
-                last_eval = self._evaluate_and_save(log, losses, epoch_done=self.step_in_epoch >= steps_per_epoch)
+                last_eval = self._evaluate_and_save(log, losses, progress,
+                                                    epoch_done=self.step_in_epoch >= steps_per_epoch)
             if not last_eval:
                 last_eval = self.evaluate()
             deployed = self.objective.deployed
             return {"step": self.step, "epoch": self.epoch, "eval": last_eval, "best_top1": self.best_top1,
                     "deployed": deployed, "deployed_top1": last_eval[deployed][0], "main": self.dist.is_main,
-                    "out": str(self.out)}
+                    "out": str(self.out), "best": log.best}
         finally:
+            progress.close()
             self.stop.restore()
             log.close()
 
@@ -267,14 +265,15 @@ class Trainer:
         if cfg.amp == "fp16" and self.device.type == "cpu":
             print("fastmcl: warning: --amp fp16 on a CPU is several times slower than bf16; use --amp bf16 there",
                   file=sys.stderr, flush=True)
-        if cfg.compile:
-            print("fastmcl: compiling the training step with torch.compile (the first step takes minutes)...",
-                  flush=True)
+        first = ["compiling the training step with torch.compile (minutes)"] if cfg.compile else []
+        if self.meta is not None:
+            first.append(f"a meta phase (the cost of several steps; then every {cfg.meta_freq} batches)")
+        status(f"first step{' with ' + ' and '.join(first) if first else ''}...")
 
     def _done(self) -> bool:
         return bool(self.cfg.max_steps) and self.step >= self.cfg.max_steps
 
-    def _evaluate_and_save(self, log: RunLogger, losses: list[float], *, epoch_done: bool) -> dict:
+    def _evaluate_and_save(self, log: RunLogger, losses: list[float], progress: Progress, *, epoch_done: bool) -> dict:
         """Evaluate every classifier, log and print the table, checkpoint (`best.pt` by the deployed network). A run
         stopped mid-epoch by `--max-steps` is evaluated too, without moving the random state a resume continues."""
         rng = None if epoch_done else capture_rng_state()
@@ -284,9 +283,7 @@ class Trainer:
         deployed = self.objective.deployed
         for name, (top1, top5) in results.items():
             log.log_eval(self.epoch, self.step, name, top1, top5, deployed=name == deployed)
-        table = log.end_epoch(self.epoch, sum(losses) / max(len(losses), 1))
-        if self.dist.is_main:
-            print(table, flush=True)
+        progress.write(log.end_epoch(self.epoch, sum(losses) / max(len(losses), 1)))
         if epoch_done:
             self.epoch += 1
             self.step_in_epoch = 0

@@ -339,7 +339,7 @@ def test_pcl_loss_equals_hand_formula_and_ema_gets_no_gradient():
 # --- needs, registry, member counts ----------------------------------------------------------------------------
 
 def test_method_needs_and_registry():
-    assert METHODS == ("dml", "one", "okddip", "kdcl", "clilr", "pcl", "mcl", "lmcl")
+    assert METHODS == ("baseline", "dml", "one", "okddip", "kdcl", "clilr", "pcl", "mcl", "lmcl")
     assert {n: method_needs(n).aux for n in METHODS} == {n: n == "lmcl" for n in METHODS}
     assert method_needs("dml") == MethodNeeds()
     assert method_needs("one") == MethodNeeds(shared_trunk=True, default_members=3)

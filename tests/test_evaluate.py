@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastmcl import evaluate
+from fastmcl import evaluate, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,3 +74,39 @@ def test_errors(runs, tmp_path, capsys):
     write_tree(tmp_path / "ten", [str(c) for c in range(9)] + ["other"])    # synthetic classes are named 0..9
     err = one_line_error(capsys, [str(runs["pcl"]), "--data", str(tmp_path / "ten")])
     assert "'other'" in err and "'9'" in err
+
+
+@pytest.mark.parametrize("module", ["fastmcl.evaluate", "fastmcl.export"])
+def test_output_closed_early_is_a_quiet_exit(runs, tmp_path, module):
+    """`python -m fastmcl.evaluate RUN | head -1`: here the reader is gone before the command writes."""
+    import subprocess
+    import sys
+    argv = [sys.executable, "-m", module, str(runs["pcl"])] + (["--out", str(tmp_path / "n.pt")]
+                                                               if module == "fastmcl.export" else [])
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize("size", [32, 72], ids=["small-tree", "imagenet-style"])
+def test_evaluate_reads_the_validation_set_alone(tmp_path, capsys, size):
+    """The same numbers with the training images gone: only val/ is read (and the training normalisation kept)."""
+    data = tmp_path / "data"
+    for split, count in (("train", 4), ("val", 2)):
+        for c in range(4):
+            folder = data / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                rng = np.random.default_rng(100 * c + 10 * i + (split == "val"))
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    assert train.main(["--method", "dml", "--data", str(data), "--batch-size", "8", "--epochs", "1", "--workers", "0",
+                       "--no-progress", "--out", str(run)]) == 0
+    reports = []
+    for moved in (False, True):
+        if moved:
+            (data / "train").rename(tmp_path / "train-moved")
+        assert evaluate.main([str(run), "--json", str(tmp_path / "e.json")]) == 0
+        reports.append(json.loads((tmp_path / "e.json").read_text())["classifiers"])
+    assert reports[0] == reports[1] and reports[0]["net0"]["top1"] >= 0

@@ -28,7 +28,8 @@ def _strict_lines(path):
 def _log_epoch(logger, epoch, steps_per_epoch=2, loss=None):
     base = epoch * steps_per_epoch
     for s in range(steps_per_epoch):
-        logger.log_train(epoch, base + s, loss=2.0 - 0.1 * epoch, lr=0.1, images_per_sec=1000.0 + s)
+        logger.log_train(epoch, base + s, loss=2.0 - 0.1 * epoch if loss is None else loss, lr=0.1,
+                         images_per_sec=1000.0 + s)
     for k, member in enumerate(MEMBERS):
         logger.log_eval(epoch, base + steps_per_epoch - 1, member, top1=40.0 + 5 * epoch + k, top5=70.0 + epoch)
     return logger.end_epoch(epoch, train_loss=2.0 - 0.1 * epoch if loss is None else loss)
@@ -36,7 +37,7 @@ def _log_epoch(logger, epoch, steps_per_epoch=2, loss=None):
 
 @pytest.fixture
 def figures(monkeypatch):
-    """Record what each Figure.savefig drew: per panel, its title and its lines as (label, {epoch: value})."""
+    """Record what each Figure.savefig drew: per panel, its title and its lines as (label, {step: value})."""
     drawn = []
     original = Figure.savefig
 
@@ -55,7 +56,7 @@ def _panels(figure):
 
 
 def _curves(figure):
-    """The train loss {epoch: value} and the top-1 {member: {epoch: value}} one recorded figure shows."""
+    """The train loss {step: value} and the top-1 {member: {step: value}} one recorded figure shows."""
     (_, [(_, loss)]), (_, top1) = figure
     return loss, dict(top1)
 
@@ -84,16 +85,19 @@ def test_metrics_jsonl_tensorboard_curves_and_table(tmp_path, figures):
     epoch1 = [e for e in events if e["event"] == "epoch"][-1]
     assert (epoch1["best_member"], epoch1["best_top1"], epoch1["step"]) == ("ensemble", 47.0, 3)
 
-    # table: every member with its top1, the best one marked
+    # table: every member with its top1, the epoch's highest one marked
     for k, member in enumerate(MEMBERS):
         assert f"{40.0 + 5 + k:.2f}" in table and member in table
-    best_line = next(line for line in table.splitlines() if "best" in line)
+    best_line = next(line for line in table.splitlines() if "highest" in line)
     assert "ensemble" in best_line and "47.00" in best_line
 
     # curves.png: a real PNG of two panels, one top-1 line per member
     png = (out / "curves.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 20_000
-    assert _panels(figures[-1]) == [("train loss", 1), ("top-1 accuracy", len(MEMBERS))]
+    assert _panels(figures[-1]) == [("train loss", 1), ("top-1 accuracy (evaluations)", len(MEMBERS))]
+    loss, top1 = _curves(figures[-1])
+    assert loss == pytest.approx({0: 2.0, 1: 2.0, 2: 1.9, 3: 1.9})     # every logged step, not an epoch mean
+    assert top1["resnet32_b"] == {1: 41.0, 3: 46.0}                     # every evaluation, at its step
     assert not list(out.glob(".curves*"))  # temp file replaced, not left behind
 
     # TensorBoard events with the documented tags and steps
@@ -142,16 +146,16 @@ def test_resume_appends_and_rebuilds_history(tmp_path, figures):
 
     with RunLogger(tmp_path, tensorboard=False) as logger:  # resumed from the checkpoint of epoch 1
         _log_epoch(logger, 2)
-        assert sorted(_curves(figures[-1])[0]) == [0, 1, 2]  # epochs 0 and 1 replayed from the file
+        assert sorted(_curves(figures[-1])[0]) == [0, 1, 2, 3, 4, 5]  # steps of epochs 0 and 1 replayed
         _log_epoch(logger, 3)
 
     lines = _strict_lines(tmp_path / "metrics.jsonl")
     assert len(lines) > n_before and lines[0]["epoch"] == 0  # appended, nothing lost
     loss, top1 = _curves(figures[-1])
-    assert loss == pytest.approx({0: 2.0, 1: 1.9, 2: 1.8, 3: 1.7})  # the repeated epoch 2 wins
+    assert loss == pytest.approx({0: 2.0, 1: 2.0, 2: 1.9, 3: 1.9, 4: 1.8, 5: 1.8, 6: 1.7, 7: 1.7})  # 4, 5: later win
     assert list(top1) == list(MEMBERS)
-    assert top1["resnet32_a"] == {0: 40.0, 1: 45.0, 2: 50.0, 3: 55.0}
-    assert _panels(figures[-1]) == [("train loss", 1), ("top-1 accuracy", len(MEMBERS))]
+    assert top1["resnet32_a"] == {1: 40.0, 3: 45.0, 5: 50.0, 7: 55.0}
+    assert _panels(figures[-1]) == [("train loss", 1), ("top-1 accuracy (evaluations)", len(MEMBERS))]
 
 
 def test_torn_last_line_is_dropped_before_appending(tmp_path, figures):
@@ -166,7 +170,7 @@ def test_torn_last_line_is_dropped_before_appending(tmp_path, figures):
     assert metrics.read_bytes() == good  # rewritten without the partial line
     with logger:
         _log_epoch(logger, 1)
-    assert _curves(figures[-1])[0] == pytest.approx({0: 2.0, 1: 1.9})  # epoch 0 replayed, epoch 1 logged after
+    assert _curves(figures[-1])[0] == pytest.approx({0: 2.0, 1: 2.0, 2: 1.9, 3: 1.9})  # epoch 0 replayed
     lines = _strict_lines(metrics)
     assert all("lo" != k for e in lines for k in e) and lines[-1]["event"] == "epoch"
 

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .base import MethodContext, MethodNeeds, Objective, StepOutput, get_method, registered
+from .baseline import Baseline
 from .dml import DML
 from .one import ONE
 from .okddip import OKDDip
@@ -68,6 +69,6 @@ def build_method(method: str | ResolvedMethod, **settings) -> Objective:
     return objective
 
 
-__all__ = ["METHODS", "CLILR", "ContrastWeights", "DML", "KDCL", "LMCL", "MCL", "MethodContext", "MethodNeeds",
-           "OKDDip", "ONE", "Objective", "PCL", "ResolvedMethod", "StepOutput", "build_method", "get_method",
-           "method_needs", "resolve_method"]
+__all__ = ["METHODS", "Baseline", "CLILR", "ContrastWeights", "DML", "KDCL", "LMCL", "MCL", "MethodContext",
+           "MethodNeeds", "OKDDip", "ONE", "Objective", "PCL", "ResolvedMethod", "StepOutput", "build_method",
+           "get_method", "method_needs", "resolve_method"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_REPORT = REPO / "benchmarks" / "results" / "gpu_check.md"
+DEFAULT_REPORT = REPO / "benchmarks/results/gpu_check.md"
 OUTPUT_TAIL_LINES = 60
 
 

@@ -262,7 +262,7 @@ def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
     """`make gpu-check` on a machine without a GPU: runs nothing, says why, writes no report and exits 0; and every
     step it would run on a GPU exists (`--list` flags a missing file and then exits 1)."""
     script = REPO / "benchmarks" / "gpu_check.py"
-    report = tmp_path / "gpu_check.md"
+    report = tmp_path / "results/gpu_check.md"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run([sys.executable, str(script), "--report", str(report)], env=env, capture_output=True,
                          text=True, timeout=120)

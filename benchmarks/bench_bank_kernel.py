@@ -120,7 +120,6 @@ def after_model(rows: int, bank_bytes: int, gpu: dict, precision: str | None = N
         blocks = math.prod(launch.grid)
         if launch.name == "bank.pass":
             k = launch.constexprs
-            groups = launch.args[launch_index(launch, "GROUPS")]
             splits = launch.args[launch_index(launch, "SPLITS")]
             C, rows_acc = k["NE_P"] * k["N_P"], k["NE_P"] * k["N_P"] * (1 + k["N_P"])
             gathered = n * rows * K * D * bank_bytes + rows * K * 8                # once per row: groups adjacent

@@ -1,5 +1,4 @@
 """The trainer end to end on tiny synthetic data: exact resume, signals, NaN handling, run directory, bad input."""
-import json
 import os
 import signal
 import subprocess

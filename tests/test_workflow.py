@@ -1,9 +1,7 @@
 """A user's path through the CLI: run folders that never overwrite, resume from a folder or a file, typed YAML, one
 line for each common mistake, the console without a progress bar, and the last evaluation of a shortened run."""
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch

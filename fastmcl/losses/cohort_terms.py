@@ -20,7 +20,6 @@ from .rows import ContrastiveTerms, compute_dtype, inbatch_masks, kl_rows, leadi
 
 
 plan_indices = index_tables         # the plan's index tables (also ContrastPlan.index_tables)
-_plan_indices = plan_indices
 
 
 @functools.lru_cache(maxsize=64)

@@ -137,7 +137,8 @@ class Trainer:
         if self.dist.is_main:
             keep = name == LAST and self.step != self._last_saved_step
             save_checkpoint(path, self.state_dict(), keep_previous=path.with_name(PREVIOUS) if keep else None)
-            self._last_saved_step = self.step if name == LAST else self._last_saved_step
+            if name == LAST:
+                self._last_saved_step = self.step
         return path
 
     # -- one step -----------------------------------------------------------------------------------------------------

@@ -74,8 +74,20 @@ def init_distributed(device: str | torch.device = "auto", *,
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method="env://", **({} if timeout is None else {"timeout": timeout}))
+        dist.init_process_group(backend, **_attempt_store(timeout), **({} if timeout is None else {"timeout": timeout}))
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend()), device
+
+
+def _attempt_store(timeout: timedelta | None) -> dict:
+    """The `env://` rendezvous, with the store's keys kept apart per torchrun restart.
+
+    torchrun's static rendezvous keeps one store for every restart of the group, and the process group's keys do not
+    name the attempt: a restarted rank could read the address of a process that died and be refused
+    (`docs/runtime.md`, restarts).
+    """
+    store, rank, world_size = next(dist.rendezvous("env://", **({} if timeout is None else {"timeout": timeout})))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"attempt-{attempt}", store), "rank": rank, "world_size": world_size}
 
 
 def launch_rank() -> int:

@@ -24,6 +24,7 @@ from .methods import Objective, ResolvedMethod, build_method, resolve_method
 from .models import Cohort, build_cohort
 from .models.ema import EmaCohort
 from .pipeline import SMALL_IMAGE_MAX, TrainData, detect_source
+from .run_log import RUNS, tensorboard_dir
 from .trainer import Trainer, TrainingParts
 
 
@@ -113,7 +114,7 @@ def run_dir(cfg: TrainConfig) -> Path:
             raise ValueError(f"--out {out}: the folder is not empty; pass --resume {out} to continue that run, "
                              f"--overwrite to replace it, or another --out")
         return out
-    runs = Path("runs")
+    runs = RUNS
     stamp = time.strftime("%Y%m%d-%H%M%S")
     archs = "-".join(dict.fromkeys(cfg.members()))
     out = runs / f"{stamp}-{cfg.method}-{archs}"
@@ -122,6 +123,16 @@ def run_dir(cfg: TrainConfig) -> Path:
         n += 1
         out = runs / f"{stamp}-{cfg.method}-{archs}-{n}"
     return out
+
+
+def remove_run_files(run: Path) -> None:
+    """Delete what a run writes into `run` (and its TensorBoard events, wherever they are); other files stay."""
+    for pattern in RUN_FILES:
+        for old in run.glob(pattern):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    events = tensorboard_dir(run)
+    if events != run.resolve():
+        shutil.rmtree(events, ignore_errors=True)
 
 
 @dataclass
@@ -139,9 +150,7 @@ class RunFolder:
         if cfg.resume:
             return cls(out, fresh=False)
         if cfg.overwrite:
-            for pattern in RUN_FILES:
-                for old in out.glob(pattern):
-                    shutil.rmtree(old) if old.is_dir() else old.unlink()
+            remove_run_files(out)
         made = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         if cfg.out:
@@ -156,9 +165,7 @@ class RunFolder:
     def release(self) -> None:
         if not self.fresh or any((self.path / "checkpoints").glob("*.pt")):
             return
-        for pattern in RUN_FILES:
-            for old in self.path.glob(pattern):
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        remove_run_files(self.path)
         if self.made and not any(self.path.iterdir()):
             self.path.rmdir()
         if self.latest is not None and os.path.realpath(self.latest) == str(self.path.resolve()):

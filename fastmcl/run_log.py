@@ -22,6 +22,16 @@ import numpy as np
 import torch
 
 NOT_SCALARS = frozenset({"event", "epoch", "step", "time", "member"})  # keys that locate an event: not plotted
+#: the folder of the runs made without `--out`, beside their `latest` link
+RUNS = Path("runs")
+
+
+def tensorboard_dir(run: str | Path) -> Path:
+    """Where a run's TensorBoard events go: `runs/tensorboard/NAME` for a run folder in `runs/`, the run folder itself
+    elsewhere. TensorBoard follows links, so events inside `runs/NAME` would be listed twice, once through
+    `runs/latest` (`docs/runtime.md`, the run's record)."""
+    run = Path(run).resolve()
+    return run.parent / "tensorboard" / run.name if run.parent == RUNS.resolve() else run
 
 
 def jsonable(value: Any) -> Any:
@@ -54,7 +64,7 @@ def _number(value: Any) -> float | None:
 
 
 class RunLogger:
-    """Writes `metrics.jsonl`, TensorBoard events and `curves.png` into `out_dir`."""
+    """Writes `metrics.jsonl` and `curves.png` into `out_dir`, TensorBoard events into `tensorboard_dir(out_dir)`."""
 
     def __init__(self, out_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
         self.out_dir, self.enabled = Path(out_dir), enabled
@@ -76,7 +86,8 @@ class RunLogger:
         self._file = open(self.metrics_path, "a", buffering=1, encoding="utf-8")  # line-buffered: a crash tears 1 line
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(log_dir=str(self.out_dir))  # a new events file; TensorBoard merges them
+            # a new events file on each start; TensorBoard merges the files of one folder
+            self._tb = SummaryWriter(log_dir=str(tensorboard_dir(self.out_dir)))
 
     def log(self, event: dict) -> None:
         """Append `event` (it needs an `"event"` name) to metrics.jsonl and mirror its numbers to TensorBoard."""

@@ -1,6 +1,7 @@
 """A user's path through the CLI: run folders that never overwrite, resume from a folder or a file, typed YAML, one
 line for each common mistake, the console without a progress bar, and the last evaluation of a shortened run."""
 import json
+import os
 import re
 
 import pytest
@@ -30,12 +31,16 @@ def test_default_run_folder_is_new_and_latest_points_at_it(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     run_ok(TINY + ["--method", "dml", "--max-steps", "1"])
     run_ok(TINY + ["--method", "dml", "--max-steps", "1"])
-    runs = sorted(p for p in (tmp_path / "runs").iterdir() if not p.is_symlink())
-    assert len(runs) == 2 and all("-dml-resnet32" in p.name for p in runs)
+    runs = sorted(p for p in (tmp_path / "runs").iterdir() if "-dml-" in p.name)
+    assert len(runs) == 2 and all(p.name.endswith("-dml-resnet32") for p in runs)
     latest = tmp_path / "runs" / "latest"
     assert latest.is_symlink() and latest.resolve() == runs[-1].resolve()
     for run in runs:     # each run kept its own record
         assert [e["step"] for e in events(run, "train")] == [1]
+    # `tensorboard --logdir runs` finds each run once (it follows links: not a second time through runs/latest)
+    from tensorboard.backend.event_processing.io_wrapper import GetLogdirSubdirectories
+    found = sorted(os.path.relpath(d, "runs") for d in GetLogdirSubdirectories("runs"))
+    assert found == [f"tensorboard/{run.name}" for run in runs], found
 
 
 def test_out_must_be_empty_unless_resume_or_overwrite(tmp_path, capsys):
@@ -120,6 +125,7 @@ def test_a_failed_start_leaves_nothing_and_latest_where_it_was(tmp_path, monkeyp
     monkeypatch.setattr(Trainer, "train_step", poisoned)
     assert main(TINY + ["--method", "dml"]) == 1
     assert sorted(p.name for p in runs.iterdir()) == before and (runs / "latest").resolve() == latest
+    assert [p.name for p in (runs / "tensorboard").iterdir()] == [latest.name]     # its events went too
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     assert evaluate_main([]) == 0                                   # runs/latest still names a usable run

@@ -156,6 +156,25 @@ def test_requeue_sigterm_then_the_identical_command_continues_at_the_saved_step(
     assert [e["step"] for e in train_events(run, skip=before)] == list(range(step + 1, 13))
 
 
+def test_with_data_workers_a_run_exits_and_ctrl_c_to_its_process_group_saves(tmp_path):
+    """Persistent DataLoader workers: the process ends when the run does (Python's exit handler stops the workers
+    with SIGTERM), and a terminal's Ctrl-C, sent to the whole process group, stops the run cleanly after a step."""
+    cmd = [sys.executable, "-m", "fastmcl.train", *TINY, "--workers", "2", "--epochs", "2"]
+    proc = start([*cmd, "--out", str(tmp_path / "whole")], tmp_path)
+    out = finish(proc, timeout=120)
+    assert proc.returncode == 0 and "done at step 8" in out, out[-3000:]
+    run = tmp_path / "stopped"
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    proc = subprocess.Popen([*cmd, "--epochs", "50", "--out", str(run)], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_step(run, 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)                                  # what Ctrl-C in its terminal does
+    out = finish(proc, timeout=120)
+    said = [line for line in out.splitlines() if "SIGINT at step" in line]
+    assert proc.returncode == 130 and len(said) == 1 and "Traceback" not in out, out[-3000:]
+    assert f"step {saved_step(run)} " in said[0]
+
+
 def test_ctrl_c_under_torchrun_stops_every_process_at_the_same_step(tmp_path):
     run = tmp_path / "run"
     agent = start([*torchrun_command(2), "-m", "fastmcl.train", *TINY, "--epochs", "50", "--out", str(run)], tmp_path)

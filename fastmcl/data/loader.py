@@ -1,6 +1,7 @@
 """DataLoader construction with deterministic worker seeding, and an on-device batch loader for in-memory data."""
 from __future__ import annotations
 
+import os
 import random
 import signal
 from collections.abc import Iterator, Sequence
@@ -19,14 +20,14 @@ __all__ = ["build_dataloader", "seed_worker", "DeviceBatchLoader"]
 
 def seed_worker(worker_id: int) -> None:
     """`worker_init_fn`: seed python `random` and numpy from the worker's torch seed (the loader's seeded generator's
-    base seed + worker id); ignore SIGINT and SIGTERM (the worker ends with the main process)."""
+    base seed + worker id); leave the main process's process group and ignore SIGINT, so that only the main process
+    decides when to stop (`docs/runtime.md`, signals)."""
     s = torch.initial_seed() % 2 ** 32
     random.seed(s)
     np.random.seed(s)
-    # the main process alone decides when to stop (it saves first): a terminal's Ctrl-C and torchrun's or a
-    # scheduler's signal to the process group reach the workers too, and one that died of it would fail the last step
+    if hasattr(os, "setpgid"):          # POSIX
+        os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_dataloader(dataset: Dataset, *, batch_size: int, train: bool, sampler: Sampler | None = None,

@@ -27,11 +27,16 @@ $(STAMP): setup.py Makefile
 train: $(STAMP)
 	$(BIN)/python -m fastmcl.train
 
-# Two pytest processes: the Triton interpreter leaves a process slow for torch CPU ops (docs/losses.md "Backends and numerics").
+# Two pytest processes, side by side (each mostly keeps one core busy): the Triton interpreter leaves a process slow
+# for torch CPU ops (docs/losses.md "Backends and numerics"). The interpreter pass's report follows the main one.
 # Exit code 5 ("no tests collected") is not a failure for a marker selection that is still empty.
+INTERPRETER_LOG := $(VENV)/interpreter-tests.log
 test: $(STAMP)
-	$(PYTEST) -q -m "not interpreter" tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
-	TRITON_INTERPRET=1 $(PYTEST) -q -m interpreter tests; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
+	@TRITON_INTERPRET=1 $(PYTEST) -q -m interpreter tests > $(INTERPRETER_LOG) 2>&1 & pid=$$!; \
+	echo "$(PYTEST) -q -m \"not interpreter\" tests   (TRITON_INTERPRET=1 ... -m interpreter: beside it)"; \
+	$(PYTEST) -q -m "not interpreter" tests; rc=$$?; \
+	wait $$pid; irc=$$?; echo "== TRITON_INTERPRET=1 $(PYTEST) -q -m interpreter tests"; cat $(INTERPRETER_LOG); \
+	for c in $$rc $$irc; do [ $$c -eq 0 ] || [ $$c -eq 5 ] || exit $$c; done
 
 # All benchmarks (minutes to an hour on a CPU), or one: make bench BENCH=benchmarks/bench_throughput.py
 BENCH ?= benchmarks

@@ -27,7 +27,7 @@ shared-memory numbers per target):
   owned rows (side 0) or owned columns (side 1, via e_v e_uᵀ = Sᵀ, no transpose) against the other side, reads the
   saved per-row statistics with 1-D loads, forms dS and accumulates dS·E_other / τ for its D-chunk. Each program
   writes its own slice of partial [2, Nc + Nk, B, D] fp32 (no atomics, deterministic); one one-hot GEMM then sums the
-  partials into dE [NE, B, D] by embedding index. Teacher blocks never receive gradient.
+  partials into dE [NE, B, D] by embedding index, in fp64, which no TF32 setting of torch's touches. Teacher blocks never receive gradient.
 - GPU rules honoured: power-of-two blocks, every tl.dot dimension ≥ 16 (small B and D are padded by masks),
   masks on every ragged edge, int64 embedding offsets (one per program; rows and columns within an embedding are
   int32, B·D < 2^31), explicit `input_precision`.
@@ -394,8 +394,9 @@ def _backward_impl(g_ce, g_kl, E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv
     # Sum the per-(side, block) partial gradients into dE by embedding index: one deterministic one-hot GEMM.
     ce_u, ce_v, kl_su, kl_sv = idx[:4]
     owner = torch.cat([ce_u, kl_su, ce_v, kl_sv])                       # partial's [2, Nb] order
-    onehot = (owner[None, :] == torch.arange(NE, device=E.device)[:, None]).to(torch.float32)
-    dE = onehot @ partial.view(2 * Nb, B * D)
+    # in fp64, which no TF32 setting of torch's touches (module docstring)
+    onehot = (owner[None, :] == torch.arange(NE, device=E.device)[:, None]).to(torch.float64)
+    dE = onehot @ partial.view(2 * Nb, B * D).to(torch.float64)
     return dE.view(NE, B, D).to(E.dtype)
 
 

@@ -238,6 +238,26 @@ def test_empty_kl_list_and_tf32_option():
     assert rel(ce, want_ce) <= tol and rel(dE, want_dE) <= tol
 
 
+def test_a_tf32_setting_does_not_round_the_ieee_gradient():
+    """`set_float32_matmul_precision("high")` lets cuBLAS use TF32; the op's dE reduction stays IEEE fp32 (on a GPU
+    TF32 would put it near 1e-3 of the reference)."""
+    plan = PLANS["lmcl1"]()
+    idx = indices(plan)
+    B, D = 64, 128
+    E = unit_embeddings(plan.num_embeddings, B, D, torch.float32, seed=3)
+    y = labels_with_singleton(B, seed=3)
+    g_ce = torch.randn(len(plan.ce_blocks), B, device=DEVICE)
+    g_kl = torch.randn(len(plan.kl_blocks), B, device=DEVICE)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        _, _, dE = run_rows(kernels().inbatch_rows, E, y, idx, g_ce, g_kl, input_precision="ieee")
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    _, _, want_dE = run_rows(inbatch_rows_reference, E.double(), y, idx, g_ce.double(), g_kl.double())
+    assert rel(dE, want_dE) <= GRAD_TOL[torch.float32]
+
+
 def test_fp64_and_bad_arguments_raise_clearly():
     plan = lmcl_plan([1, 1])
     idx = indices(plan)

@@ -19,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .launch import KernelLaunch
+from .tuning import timed_choice, wants_timing
 
 __all__ = ["bank_rows", "launches", "tunings", "beyond_limit", "default_precision", "Tuning", "CONFIG_SPACE",
            "ASSUMED_SM_COUNT", "MAX_COMBOS"]
@@ -642,15 +643,39 @@ def _bank_rows_op(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_m: Ten
                   kd_T: float, pos_k: int, input_precision: str, block_k: int, split_k: int,
                   tuning: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check(E, banks, idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view, tau, kd_T, pos_k)
-    cfg = _device_config(E, banks.shape[0], banks.dtype, idx.shape[1], input_precision, block_k, split_k, tuning)
-    work, outs = _buffers(cfg, E.shape[1], ce_u.shape[0], kl_su.shape[0], E.device)
-    if E.shape[1] == 0:
-        return outs
+    n_ce, n_kl = ce_u.shape[0], kl_su.shape[0]
+    E, banks, idx = E.contiguous(), banks.detach().contiguous(), idx.contiguous()
     vecs = _vectors(ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view)
-    for launch in _forward_launches(cfg, E.contiguous(), banks.detach().contiguous(), idx.contiguous(), vecs, pos_k,
-                                    tau, kd_T, work, outs):
-        launch.launch()
-    return outs
+
+    def forward(cfg: _Config) -> tuple:
+        work, outs = _buffers(cfg, E.shape[1], n_ce, n_kl, E.device)
+        if E.shape[1]:
+            for launch in _forward_launches(cfg, E, banks, idx, vecs, pos_k, tau, kd_T, work, outs):
+                launch.launch()
+        return outs
+
+    def config(tuning: Tuning | None) -> _Config:
+        return _device_config(E, banks.shape[0], banks.dtype, idx.shape[1], input_precision, block_k, split_k,
+                              astuple(tuning) if tuning else ())
+
+    chosen = Tuning(*tuning) if tuning else None
+    if chosen is None and not (block_k or split_k) and E.shape[1] and wants_timing(E.device):
+        chosen = _timed_tuning(E, banks, idx, input_precision, lambda t: forward(config(t)))
+    return forward(config(chosen))
+
+
+def _timed_tuning(E: Tensor, banks: Tensor, idx: Tensor, input_precision: str, run) -> Tuning:
+    """The fastest candidate of the configuration space for this GPU and these shapes (`kernels/tuning.py`)."""
+    NE, B, D = E.shape
+    capability, sms = _device_facts(E.device)
+    precision = input_precision or default_precision(capability)
+    candidates = tunings(capability, banks.dtype, _pow2(NE) * _pow2(banks.shape[0]), B, precision)
+    if len(candidates) == 1:
+        return candidates[0]
+    gpu = torch.cuda.get_device_name(E.device) if E.device.type == "cuda" else E.device.type
+    key = (f"bank_rows {gpu} sm{capability[0]}{capability[1]}x{sms} E{tuple(E.shape)} {E.dtype} "
+           f"banks{tuple(banks.shape)} {banks.dtype} K{idx.shape[1]} {precision} {candidates}")
+    return candidates[timed_choice(key, candidates, run, E.device)]
 
 
 @_bank_rows_op.register_fake
@@ -724,7 +749,8 @@ def bank_rows(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_m: Tensor,
     [0, N), not checked here), index vectors int64 (views bool/int). `input_precision` of the fp32 dots: None follows
     `torch.get_float32_matmul_precision()` (`default_precision`); "ieee" is fp32-exact. `block_k` (0 = automatic,
     else a power of two ≥ 8) and `split_k` (0 = automatic, else the number of programs per row along K) override the heuristics;
-    `tuning` picks a point of `CONFIG_SPACE` (default: its first candidate for the GPU, bank dtype and B).
+    `tuning` picks a point of `CONFIG_SPACE`; by default the fastest candidate for the GPU and shapes, timed once and
+    cached (`kernels/tuning.py`), or the space's first where nothing is timed (deterministic runs, CPU).
     """
     ce, kl, *_ = _bank_rows_op(E, banks.detach(), idx, ce_u, ce_m, ce_view, kl_su, kl_sm, kl_tu, kl_tm, kl_view,
                                float(tau), float(kd_T), int(pos_k), input_precision or "", int(block_k),

@@ -1,6 +1,11 @@
 """Shared test fixtures."""
+import os
+
 import pytest
 import torch
+
+# the kernels' launch configuration stays the model's choice in tests (a test that wants the timed choice sets it)
+os.environ.setdefault("FASTMCL_TUNING", "off")
 
 
 @pytest.fixture

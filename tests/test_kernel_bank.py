@@ -35,6 +35,7 @@ their fake implementations) and with the default "inductor" (≈20 s on this CPU
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -173,6 +174,28 @@ def test_default_precision():
     plan = lmcl_plan([2, 2])
     E, banks, idx, _ = inputs(4, 2, 6, 300, 64, torch.float32, seed=13)
     check(E, banks, idx, plan_vectors(plan, DEVICE), 1, rtol=2e-5, input_precision=None)
+
+
+def test_the_timed_choice_is_a_candidate_made_once_and_kept(tmp_path, monkeypatch):
+    """With timing on (a GPU's default; forced here), the first call times the space's candidates for its shapes and
+    saves the fastest; the result is the reference's whichever wins, and later calls read the choice."""
+    from fastmcl.kernels.bank_contrastive import tunings
+    cache = tmp_path / "tuning.json"
+    monkeypatch.setenv("FASTMCL_TUNING", "always")
+    monkeypatch.setenv("FASTMCL_TUNING_CACHE", str(cache))
+    plan = lmcl_plan([2, 2])
+    E, banks, idx, _ = inputs(plan.num_embeddings, 2, 5, 70, 32, torch.float32, seed=31)
+    check(E, banks, idx, plan_vectors(plan, DEVICE), 1, rtol=2e-5, input_precision=None)
+    [(key, chosen)] = json.loads(cache.read_text()).items()
+    assert key.startswith("bank_rows") and isinstance(chosen, int), (key, chosen)
+    if DEVICE == "cpu":     # the interpreter stands in for an sm_90 GPU: two candidates for 4 × 2 combos, 5 rows
+        assert len(tunings((9, 0), torch.float32, 8, 5)) == 2 and chosen in (0, 1)
+    written = cache.stat().st_mtime_ns
+    check(E, banks, idx, plan_vectors(plan, DEVICE), 1, rtol=2e-5, input_precision=None)
+    assert cache.stat().st_mtime_ns == written
+    monkeypatch.setenv("FASTMCL_TUNING", "fastest")
+    with pytest.raises(ValueError, match="FASTMCL_TUNING"):
+        kernels().bank_rows(E, banks, idx, *plan_vectors(plan, DEVICE), TAU, KD_T, 1)
 
 
 def test_split_k_heuristic_and_launches_are_what_runs(monkeypatch):

@@ -26,13 +26,14 @@ __all__ = ["bank_rows", "launches", "tunings", "beyond_limit", "default_precisio
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
+_BF16_PIECES = {"tf32x3": 3, "tf32": 2}   # a bf16 bank's dots: pieces of the fp32 operand, as accurate or more
 ASSUMED_SM_COUNT = 132                 # the split-K heuristic's SM count where no GPU is asked (interpreter, AOT)
 _ACC_ELEMS = 16384                     # fp32 elements of one program's weighted-sum accumulators
 _TILE_ELEMS = 4096                     # elements of one gathered tile
 _WEIGHT_ELEMS = 1024                   # softmax weights [BLOCK_K, 2 C]: the operand every warp holds whole
 _MIN_BLOCK_K, _MAX_BLOCK_K = 8, 64
 MAX_COMBOS = _WEIGHT_ELEMS // (2 * _MIN_BLOCK_K)    # padded embeddings × padded banks (e.g. 16 × 4 or 8 × 8)
-_SPLIT_TRAFFIC = 10                    # a split's gathered bytes ≥ this × its partial sums' bytes
+_SPLIT_TRAFFIC = 4                     # a split's gathered bytes ≥ this × its partial sums' bytes
 _D_CHUNK = 32                          # D columns per step of the logit dot
 _J_BLOCK = 16                          # CE / KL blocks per step of the merge and backward kernels
 _ROW_BLOCK = 16                        # accumulator rows per step of the merge
@@ -53,13 +54,15 @@ def _pow2(x: int, floor: int = 1) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _bank_pass_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, TICKET_ptr, ACC_ptr, ROWS_ptr, STATS_ptr,
+def _bank_pass_kernel(E_ptr, EP_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, TICKET_ptr, ACC_ptr, ROWS_ptr, STATS_ptr,
                       CE_U_ptr, CE_M_ptr, CE_VIEW_ptr, KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr,
                       CE_ptr, KL_ptr,
                       B, K, D, N_ROWS, NE, N_BANKS, NC, NK, GROUPS, SPLITS, K_PER_SPLIT, POS_K, scale, inv_tau, inv_T,
                       NE_P: tl.constexpr, N_P: tl.constexpr, D_P: tl.constexpr, BLOCK_K: tl.constexpr,
                       NT: tl.constexpr, A1_COLS: tl.constexpr, D_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
-                      NATIVE_DOT: tl.constexpr, ROW_BLOCK: tl.constexpr, J_BLOCK: tl.constexpr):
+                      NATIVE_DOT: tl.constexpr, PIECES: tl.constexpr, TF32_SPLIT: tl.constexpr,
+                      INTERPRET: tl.constexpr,
+                      ROW_BLOCK: tl.constexpr, J_BLOCK: tl.constexpr):
     """Program (b, split, group), launched group fastest then split then row (the groups of one row adjacent, so a
     row's gathered bank rows are read from DRAM once and from L2 by the other groups): columns
     [split·K_PER_SPLIT, …) of anchor row b, weighted sums onto the target banks [group·NT, group·NT + NT), over
@@ -101,7 +104,12 @@ def _bank_pass_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, TICKET_ptr,
         row_ok = tl.reshape(tl.broadcast_to(col_ok[None, :], (N_P, BLOCK_K)), (N_P * BLOCK_K,)) & bank_ok
         # the target banks' rows of the tile, whole and transposed [NT·D_P, BK]: one load with every row in flight
         Rt = tl.load(BANK_ptr + tgt_off[:, None] + cols[None, :] * D, mask=tgt_ok[:, None] & col_ok[None, :],
-                     other=0.0).to(tl.float32)
+                     other=0.0)
+        if PIECES == 0:
+            Rt = Rt.to(tl.float32)
+        Rt_lo = Rt
+        if TF32_SPLIT:
+            Rt, Rt_lo = _tf32_parts(Rt)
         # logits [NE_P, N_P·BK] of every bank's rows (the target banks' an L1 re-read of the load above), contracted
         # over D in chunks (unrolled: the K loop stays the innermost loop, which the pipeliner can run ahead)
         s = tl.zeros([NE_P, N_P * BLOCK_K], tl.float32)
@@ -109,11 +117,23 @@ def _bank_pass_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, TICKET_ptr,
             dd = d0 + offs_dc
             Rc = tl.load(BANK_ptr + (bank_off + rows * D)[None, :] + dd[:, None],
                          mask=row_ok[None, :] & (dd[:, None] < D), other=0.0)               # [D_CHUNK, N_P·BK]
-            ec = tl.load(E_ptr + offs_u[:, None].to(tl.int64) * B * D + b * D + dd[None, :],
-                         mask=(offs_u[:, None] < NE) & (dd[None, :] < D), other=0.0)         # [NE_P, D_CHUNK]
+            e_off = offs_u[:, None].to(tl.int64) * B * D + b * D + dd[None, :]             # [NE_P, D_CHUNK]
+            e_ok = (offs_u[:, None] < NE) & (dd[None, :] < D)
             if NATIVE_DOT:
-                s = tl.dot(ec, Rc, s)
+                s = tl.dot(tl.load(E_ptr + e_off, mask=e_ok, other=0.0), Rc, s)
+            elif PIECES:        # E's bf16 pieces (`_bf16_pieces`), smallest first
+                for p in tl.static_range(PIECES - 1, -1, -1):
+                    ep = tl.load(EP_ptr + p * NE * B * D + e_off, mask=e_ok, other=0.0)
+                    s = _dot_bf16(ep, Rc, s, INTERPRET)
+            elif TF32_SPLIT:    # E's tf32 parts (`_tf32_parts_host`)
+                e_hi = tl.load(EP_ptr + e_off, mask=e_ok, other=0.0)
+                e_lo = tl.load(EP_ptr + NE * B * D + e_off, mask=e_ok, other=0.0)
+                r_hi, r_lo = _tf32_parts(Rc.to(tl.float32))
+                s = tl.dot(e_hi, r_lo, s, input_precision="tf32")
+                s = tl.dot(e_lo, r_hi, s, input_precision="tf32")
+                s = tl.dot(e_hi, r_hi, s, input_precision="tf32")
             else:
+                ec = tl.load(E_ptr + e_off, mask=e_ok, other=0.0)
                 s = tl.dot(ec.to(tl.float32), Rc.to(tl.float32), s, input_precision=PRECISION)
         valid = ((kcol >= 1) & col_ok)[None, None, :]
         Y = tl.where(valid, tl.reshape(s * scale, (NE_P, N_P, BLOCK_K)), float("-inf"))    # [embedding, bank, k]
@@ -132,13 +152,16 @@ def _bank_pass_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, TICKET_ptr,
         # c = bank · NE_P + embedding), two dots sharing their A operand
         if NT == 1:             # one target bank: the τ sums of its own combos only
             own = (tl.arange(0, N_P) == grp)[None, :]
-            acc1 = tl.dot(Rt, tl.trans(tl.sum(tl.where(own[:, :, None], P1, 0.0), axis=1)),
-                          acc1 * tl.sum(tl.where(own, a1, 0.0), axis=1)[None, :], input_precision=PRECISION)
+            W1 = tl.trans(tl.sum(tl.where(own[:, :, None], P1, 0.0), axis=1))
+            acc1 = _rows_dot(Rt, Rt_lo, W1, acc1 * tl.sum(tl.where(own, a1, 0.0), axis=1)[None, :],
+                             PRECISION, PIECES, TF32_SPLIT, INTERPRET)
         else:                   # the τ sums of every combo, of which each target bank keeps its own
-            acc1 = tl.dot(Rt, tl.reshape(tl.permute(P1, (2, 1, 0)), (BLOCK_K, C)),
-                          acc1 * tl.reshape(tl.trans(a1), (C,))[None, :], input_precision=PRECISION)
-        accT = tl.dot(Rt, tl.reshape(tl.permute(PT, (2, 1, 0)), (BLOCK_K, C)),
-                      accT * tl.reshape(tl.trans(aT), (C,))[None, :], input_precision=PRECISION)
+            W1 = tl.reshape(tl.permute(P1, (2, 1, 0)), (BLOCK_K, C))
+            acc1 = _rows_dot(Rt, Rt_lo, W1, acc1 * tl.reshape(tl.trans(a1), (C,))[None, :],
+                             PRECISION, PIECES, TF32_SPLIT, INTERPRET)
+        WT = tl.reshape(tl.permute(PT, (2, 1, 0)), (BLOCK_K, C))
+        accT = _rows_dot(Rt, Rt_lo, WT, accT * tl.reshape(tl.trans(aT), (C,))[None, :],
+                         PRECISION, PIECES, TF32_SPLIT, INTERPRET)
 
     base = split.to(tl.int64) * B + b
     cc = tl.arange(0, C)
@@ -162,6 +185,57 @@ def _bank_pass_kernel(E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, TICKET_ptr,
                    CE_U_ptr, CE_M_ptr, CE_VIEW_ptr, KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr,
                    CE_ptr, KL_ptr, B, K, D, N_ROWS, NE, N_BANKS, NC, NK, SPLITS, POS_K, scale, inv_tau, inv_T,
                    NE_P, N_P, D_P, ROW_BLOCK, J_BLOCK)
+
+
+@triton.jit
+def _rows_dot(R, R_lo, W, acc, PRECISION: tl.constexpr, PIECES: tl.constexpr, TF32_SPLIT: tl.constexpr,
+              INTERPRET: tl.constexpr):
+    """acc + R·W, R the bank rows, W fp32 softmax weights: fp32 dots at PRECISION; or (PIECES > 0) R in bf16 as
+    stored and W split (`_split_dot`); or (TF32_SPLIT) R's tf32 parts (R, R_lo) and W's, three tf32 dots."""
+    if PIECES:
+        out = _split_dot(R, W, acc, PIECES, INTERPRET)
+    elif TF32_SPLIT:
+        w_hi, w_lo = _tf32_parts(W)
+        out = tl.dot(R, w_lo, acc, input_precision="tf32")
+        out = tl.dot(R_lo, w_hi, out, input_precision="tf32")
+        out = tl.dot(R, w_hi, out, input_precision="tf32")
+    else:
+        out = tl.dot(R, W, acc, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _tf32_parts(x):
+    """x (fp32) as hi + lo, both rounded to tf32 by their bits (add half an ulp of tf32, clear the 13 low bits: two
+    integer instructions where `cvt.rna.tf32.f32` is a sequence), lo = x − hi before its rounding."""
+    hi = ((x.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    lo = x - hi
+    return hi, ((lo.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_dot(a, b, acc, PIECES: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a·b, a a bf16 bank tile and b fp32: b as a sum of PIECES bf16 numbers (2: 16 significant bits, 3: 24,
+    fp32's), one bf16 tensor-core dot per piece with exact products and fp32 accumulation, smallest first
+    (docs/kernels/bank.md "bf16 banks")."""
+    b1 = b.to(tl.bfloat16)
+    rest = b - b1.to(tl.float32)
+    b2 = rest.to(tl.bfloat16)
+    if PIECES == 3:
+        acc = _dot_bf16(a, (rest - b2.to(tl.float32)).to(tl.bfloat16), acc, INTERPRET)
+    acc = _dot_bf16(a, b2, acc, INTERPRET)
+    return _dot_bf16(a, b1, acc, INTERPRET)
+
+
+@triton.jit
+def _dot_bf16(a, b, acc, INTERPRET: tl.constexpr):
+    """acc + a·b of bf16 operands on tensor cores. The interpreter's dot reads bf16 as the integers it stores them
+    in, so there the same values are multiplied in fp32 (bf16 products are exact in fp32)."""
+    if INTERPRET:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
 
 
 @triton.jit
@@ -387,7 +461,8 @@ def _bank_bwd_kernel(ACC_ptr, ROWS_ptr, STATS_ptr, G_CE_ptr, G_KL_ptr, DE_ptr,
 class Tuning:
     """One point of the configuration space: the pass kernel's warps, software-pipeline stages, tile width along K
     (0: the widest the tile budgets allow), the accumulator budget that sets the target banks per program, and the
-    resident blocks per SM it compiles to (what the split heuristic fills; the readiness test checks the compile)."""
+    block slots per SM the split heuristic fills: at least the resident blocks it compiles to (the readiness test
+    checks the grid against the compile), more where a fuller last wave is worth the partial sums' traffic."""
     num_warps: int
     num_stages: int
     block_k: int
@@ -395,30 +470,32 @@ class Tuning:
     blocks_per_sm: int
 
 
-# (arch major, bank bytes, fp32 dot precision) → ((largest padded combo count, largest row count, candidates best
-# first), ...). The first candidate is the one the performance model ranks best (docs/kernels/performance_model.md,
+# (arch major, bank bytes, fp32 dot precision) → ((largest padded combo count, largest padded bank count, candidates
+# best first), ...). The first candidate is the one the performance model ranks best (docs/kernels/performance_model.md,
 # benchmarks/results/bank_model.md); every candidate passes the GPU-readiness test and the interpreter tests.
 _FEW, _MANY = 16, MAX_COMBOS                          # ImageNet L-MCL (8 × 2 = 16 combos); 4 × 4 stages, MCL × 8
+_TWO = 2                                              # two networks' banks (MCL × 4 has 4: the few-combo tier spills)
 _ANY = 1 << 62
 _BIG_PLANS = (_MANY, _ANY, (Tuning(8, 2, 0, 4096, 1),))
 CONFIG_SPACE: dict[tuple[int, int, str], tuple[tuple[int, int, tuple[Tuning, ...]], ...]] = {
-    **{(8, b, "tf32x3"): ((_FEW, _ANY, (Tuning(4, 3, 16, 4096, 2), Tuning(8, 2, 16, 4096, 1))), _BIG_PLANS)
-       for b in (4, 2)},
-    **{(9, b, "tf32x3"): ((_FEW, _ANY, (Tuning(8, 2, 32, 16384, 1), Tuning(8, 2, 16, 4096, 2))), _BIG_PLANS)
-       for b in (4, 2)},
-    **{(a, b, "tf32"): ((_FEW, _ANY, (Tuning(4, 2, 32, 16384, 3), Tuning(4, 2, 16, 4096, 4))), _BIG_PLANS)
-       for a in (8, 9) for b in (4, 2)},
+    **{(a, 4, "tf32x3"): ((_FEW, _TWO, (Tuning(4, 3, 16, 16384, 3), Tuning(4, 3, 16, 4096, 3))), _BIG_PLANS)
+       for a in (8, 9)},
+    **{(a, 4, "tf32"): ((_FEW, _TWO, (Tuning(4, 3, 16, 16384, 3), Tuning(4, 2, 16, 16384, 3),
+                                      Tuning(4, 2, 16, 4096, 4))), _BIG_PLANS)
+       for a in (8, 9)},
+    **{(a, 2, p): ((_FEW, _TWO, (Tuning(4, 3, 16, 16384, 3), Tuning(4, 2, 16, 4096, 4))), _BIG_PLANS)
+       for a in (8, 9) for p in ("tf32x3", "tf32")},
 }
 _FALLBACK = Tuning(8, 2, 0, 4096, 1)                  # older GPUs, "ieee" and the interpreter
 
 
-def tunings(capability: tuple[int, int], bank_dtype: torch.dtype, combos: int, rows: int,
+def tunings(capability: tuple[int, int], bank_dtype: torch.dtype, combos: int, banks: int,
             precision: str | None = None) -> tuple[Tuning, ...]:
     """The candidates of the configuration space for a GPU of `capability`, a bank of `bank_dtype`, `combos` padded
-    (embedding, bank) pairs, `rows` anchor rows and the fp32 dots' `precision` (None: `default_precision`)."""
+    (embedding, bank) pairs, `banks` padded banks and the fp32 dots' `precision` (None: `default_precision`)."""
     key = (min(capability[0], 9), bank_dtype.itemsize, precision or default_precision(capability))
-    for max_combos, max_rows, candidates in CONFIG_SPACE.get(key, ()):
-        if combos <= max_combos and rows <= max_rows:
+    for max_combos, max_banks, candidates in CONFIG_SPACE.get(key, ()):
+        if combos <= max_combos and banks <= max_banks:
             return candidates
     return (_FALLBACK,)
 
@@ -453,6 +530,8 @@ class _Config:
     k_per_split: int
     precision: str
     native_dot: bool
+    pieces: int             # bf16 bank: bf16 pieces of the fp32 operand per dot (0: fp32 dots at `precision`)
+    tf32_split: bool        # fp32 bank at tf32x3: the operands' tf32 parts made by their bits, E's on the host
     num_warps: int
     num_stages: int
 
@@ -480,7 +559,7 @@ def _config(NE: int, n: int, B: int, K: int, D: int, e_dtype: torch.dtype, bank_
         precision = default_precision(capability)
     if precision not in _PRECISIONS:
         raise ValueError(f"input_precision must be one of {_PRECISIONS}, got {precision!r}")
-    tuning = tuning or tunings(capability, bank_dtype, C, B, precision)[0]
+    tuning = tuning or tunings(capability, bank_dtype, C, N_P, precision)[0]
     # target banks per program: as many as keep the accumulators 2 × [NT·D_P, C] within the tuning's budget
     NT = N_P
     while NT > 1 and 2 * NT * D_P * C > tuning.acc_elems:
@@ -498,7 +577,7 @@ def _config(NE: int, n: int, B: int, K: int, D: int, e_dtype: torch.dtype, bank_
         splits = split_k
     else:                   # flash-decoding split: fill every resident block slot of every SM at least once, with
         # splits at least 4 tiles long whose partial sums (written and read back: 2 · rows · D_P fp32) stay under a
-        # tenth of the bank rows they gather
+        # quarter of the bank rows they gather
         min_k = max(4 * bk, _SPLIT_TRAFFIC * 2 * (C + N_P * C) * 4 // (n * bank_dtype.itemsize))
         splits = 1
         while B * groups * splits < tuning.blocks_per_sm * sm_count and K >= 2 * splits * min_k:
@@ -506,8 +585,11 @@ def _config(NE: int, n: int, B: int, K: int, D: int, e_dtype: torch.dtype, bank_
     k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
     splits = triton.cdiv(K, k_per_split)            # no empty split
     native = e_dtype == bank_dtype and e_dtype != torch.float32 and not _interpreting()
+    # bf16 dots contract over ≥ 16: the weighted sums' BLOCK_K
+    pieces = _BF16_PIECES.get(precision, 0) if bank_dtype == torch.bfloat16 and bk >= 16 else 0
     return _Config(NE_P=NE_P, N_P=N_P, D_P=D_P, BLOCK_K=bk, NT=NT, groups=groups, splits=splits,
-                   k_per_split=k_per_split, precision=precision, native_dot=native,
+                   k_per_split=k_per_split, precision=precision, native_dot=native, pieces=pieces,
+                   tf32_split=precision == "tf32x3" and not pieces and not native,
                    num_warps=tuning.num_warps, num_stages=tuning.num_stages)
 
 
@@ -517,15 +599,40 @@ def _forward_launches(cfg: _Config, E, banks, idx, vecs, pos_k, tau, kd_T, work,
     K = idx.shape[1]
     pstat, pacc, ticket = work
     ce, kl, stats, acc, rows = outs
+    if cfg.pieces and not cfg.native_dot:
+        parts = _bf16_pieces(E, cfg.pieces)
+    else:
+        parts = _tf32_parts_host(E) if cfg.tf32_split else E          # (unread when neither)
     pass_ = KernelLaunch.of(
         "bank.pass", _bank_pass_kernel, (B * cfg.splits * cfg.groups,),
-        (E, banks, idx, pstat, pacc, ticket, acc, rows, stats, *vecs, ce, kl, B, K, D, N_ROWS, NE, n, ce.shape[0],
-         kl.shape[0], cfg.groups, cfg.splits, cfg.k_per_split, pos_k, _LOG2E / tau, 1.0 / tau, 1.0 / kd_T),
+        (E, parts, banks, idx, pstat, pacc, ticket, acc, rows, stats, *vecs, ce, kl, B, K, D, N_ROWS, NE, n,
+         ce.shape[0], kl.shape[0], cfg.groups, cfg.splits, cfg.k_per_split, pos_k, _LOG2E / tau, 1.0 / tau,
+         1.0 / kd_T),
         dict(NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P, BLOCK_K=cfg.BLOCK_K, NT=cfg.NT,
              A1_COLS=cfg.NE_P if cfg.NT == 1 else cfg.C, D_CHUNK=min(cfg.D_P, _D_CHUNK),
-             PRECISION=cfg.precision, NATIVE_DOT=cfg.native_dot, ROW_BLOCK=_ROW_BLOCK, J_BLOCK=_J_BLOCK),
+             PRECISION=cfg.precision, NATIVE_DOT=cfg.native_dot, PIECES=cfg.pieces,
+             TF32_SPLIT=cfg.tf32_split, INTERPRET=_interpreting(), ROW_BLOCK=_ROW_BLOCK, J_BLOCK=_J_BLOCK),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, order=("group", "split", "row"))
     return [pass_]
+
+
+def _bf16_pieces(E: Tensor, pieces: int) -> Tensor:
+    """[pieces, *E.shape] bf16 whose sum is E to 8 · pieces significant bits: each the rounding of what the previous
+    leave: the logit dot's operands against a bf16 bank (`_dot_bf16`, one dot per piece)."""
+    out, rest = [], E.float()
+    for _ in range(pieces):
+        out.append(rest.to(torch.bfloat16))
+        rest = rest - out[-1].float()
+    return torch.stack(out)
+
+
+def _tf32_parts_host(E: Tensor) -> Tensor:
+    """[2, *E.shape] fp32: E's tf32 parts as the kernel's `_tf32_parts` makes them (hi, lo)."""
+    def rounded(x: Tensor) -> Tensor:
+        return ((x.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+    E = E.float().contiguous()
+    hi = rounded(E)
+    return torch.stack([hi, rounded(E - hi)])
 
 
 def _backward_launch(cfg: _Config, E, vecs, pos_k, tau, kd_T, saved, g_ce, g_kl, dE) -> KernelLaunch:
@@ -669,7 +776,7 @@ def _timed_tuning(E: Tensor, banks: Tensor, idx: Tensor, input_precision: str, r
     NE, B, D = E.shape
     capability, sms = _device_facts(E.device)
     precision = input_precision or default_precision(capability)
-    candidates = tunings(capability, banks.dtype, _pow2(NE) * _pow2(banks.shape[0]), B, precision)
+    candidates = tunings(capability, banks.dtype, _pow2(NE) * _pow2(banks.shape[0]), _pow2(banks.shape[0]), precision)
     if len(candidates) == 1:
         return candidates[0]
     gpu = torch.cuda.get_device_name(E.device) if E.device.type == "cuda" else E.device.type

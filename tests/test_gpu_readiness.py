@@ -88,11 +88,12 @@ def space_cases() -> list[tuple[str, str, int, str, int]]:
     out = []
     for name, plan, B in BANK_SCENARIOS:
         p = plan()
-        combos = triton_pow2(p.num_embeddings) * triton_pow2(max(p.net_of) + 1)
+        banks = triton_pow2(max(p.net_of) + 1)
+        combos = triton_pow2(p.num_embeddings) * banks
         for dtype_name, dtype in DTYPES.items():
             for cc in TARGETS:
                 for prec in PRECISIONS:
-                    n = len(bank_module().tunings(divmod(cc, 10), dtype, combos, B, prec))
+                    n = len(bank_module().tunings(divmod(cc, 10), dtype, combos, banks, prec))
                     out += [(name, dtype_name, cc, prec, i) for i in range(int(prec == PRECISIONS[0]), n)]
     return out
 
@@ -146,8 +147,9 @@ def compiled() -> dict:
     for name, dtype_name, cc, prec, i in space_cases():
         _, plan, B = next(s for s in BANK_SCENARIOS if s[0] == name)
         p = plan()
-        combos = triton_pow2(p.num_embeddings) * triton_pow2(max(p.net_of) + 1)
-        tuning = bank_module().tunings(divmod(cc, 10), DTYPES[dtype_name], combos, B, prec)[i]
+        banks = triton_pow2(max(p.net_of) + 1)
+        tuning = bank_module().tunings(divmod(cc, 10), DTYPES[dtype_name], triton_pow2(p.num_embeddings) * banks,
+                                       banks, prec)[i]
         for launch in bank_launches(p, B, DTYPES[dtype_name], cc, tuning, prec):
             keys.append(("space", name, dtype_name, cc, prec, i))
             pairs.append((launch, cc))

@@ -500,9 +500,16 @@ def tunings(capability: tuple[int, int], bank_dtype: torch.dtype, combos: int, b
     return (_FALLBACK,)
 
 
+def _padded(NE: int, n: int, D: int) -> tuple[int, int, int]:
+    """Embeddings, banks and D padded to what a program holds. Four or more banks take at least 8 embedding rows:
+    with 4 × 4, Triton 3.8 fails to compile the tf32 logit dot for sm_90 (`TritonGPUOptimizeDotOperands`)."""
+    N_P = _pow2(n)
+    return _pow2(NE, floor=8 if N_P >= 4 else 1), N_P, _pow2(D, floor=16)
+
+
 def beyond_limit(NE: int, n: int, D: int) -> str | None:
     """Why NE embeddings × n banks at width D exceed what one program holds, or None when they fit."""
-    NE_P, N_P, D_P = _pow2(NE), _pow2(n), _pow2(D, floor=16)
+    NE_P, N_P, D_P = _padded(NE, n, D)
     max_combos = min(_ACC_ELEMS // (2 * D_P), MAX_COMBOS)
     if NE_P * N_P > max_combos:
         return (f"{NE} embeddings × {n} banks pad to {NE_P} × {N_P} = {NE_P * N_P} combos, above the {max_combos} "
@@ -551,7 +558,7 @@ def _interpreting() -> bool:
 def _config(NE: int, n: int, B: int, K: int, D: int, e_dtype: torch.dtype, bank_dtype: torch.dtype,
             precision: str | None, capability: tuple[int, int], sm_count: int, block_k: int = 0,
             split_k: int = 0, tuning: Tuning | None = None) -> _Config:
-    NE_P, N_P, D_P = _pow2(NE), _pow2(n), _pow2(D, floor=16)
+    NE_P, N_P, D_P = _padded(NE, n, D)
     C = NE_P * N_P
     if beyond := beyond_limit(NE, n, D):
         raise ValueError(f"bank_rows kernel: {beyond}; use the reference backend")
@@ -776,7 +783,8 @@ def _timed_tuning(E: Tensor, banks: Tensor, idx: Tensor, input_precision: str, r
     NE, B, D = E.shape
     capability, sms = _device_facts(E.device)
     precision = input_precision or default_precision(capability)
-    candidates = tunings(capability, banks.dtype, _pow2(NE) * _pow2(banks.shape[0]), _pow2(banks.shape[0]), precision)
+    NE_P, N_P, _ = _padded(NE, banks.shape[0], D)
+    candidates = tunings(capability, banks.dtype, NE_P * N_P, N_P, precision)
     if len(candidates) == 1:
         return candidates[0]
     gpu = torch.cuda.get_device_name(E.device) if E.device.type == "cuda" else E.device.type

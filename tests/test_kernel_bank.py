@@ -29,10 +29,10 @@ tolerance is that dtype's rounding (bf16: 2⁻⁸ relative, fp16: 2⁻¹⁰ rela
 (tf32x3 on sm_80+) splits each fp32 operand into two tf32 parts, rounded by their bits, and drops the low × low
 product (≈ 2⁻²¹ relative per product), so `test_default_precision` allows 2e-5; the interpreter evaluates every dot
 in fp32 (it ignores the precision), so there this test checks the split's arithmetic and a GPU run checks tf32x3's
-error. A bf16
-bank's dots split the fp32 operand into bf16 pieces instead (docs/kernels/bank.md "bf16 banks"), which the interpreter
-rounds as a GPU does: 3 pieces carry fp32's 24 bits (the ieee tolerance, 1e-5), 2 pieces 16 bits (≈ 2⁻¹⁷ relative per
-product; measured ≤ 1.2e-5, allowed 1e-4, where one piece, plain bf16, errs by ~1e-3 and plain tf32 by ~2e-4).
+error. A bf16 bank's dots split the fp32 operand into bf16 pieces instead (docs/kernels/bank.md "bf16 banks"), which
+the interpreter rounds as a GPU does: 3 pieces carry fp32's 24 bits (the ieee tolerance, 1e-5), 2 pieces 16 bits
+(≈ 2⁻¹⁷ relative per product; measured ≤ 1.2e-5, allowed 1e-4, where one piece, plain bf16, errs by ~1e-3 and plain
+tf32 by ~2e-4).
 `torch.compile` (fullgraph) runs with backend="aot_eager" (traces forward and backward through the custom ops and
 their fake implementations) and with the default "inductor" (≈20 s on this CPU: it compiles the surrounding C++).
 """

@@ -49,6 +49,7 @@ GPUS = {"A100 80GB SXM": dict(bw=2.039e12, sms=108, clock=1.41e9, cc=80),
 LATENCY_S = 700e-9                 # DRAM latency a gather sees under load
 ISSUE_PER_CLOCK = 4                # warp instructions issued per SM per clock (4 schedulers)
 LAUNCH_S = 3e-6                    # one kernel launch (or memset) on the stream, back to back
+RESCALES_PER_PROGRAM = 6           # lazy softmax rescalings a program runs at most (unit-norm E and bank rows)
 ROWS: list[tuple[str, str, str, str]] = []          # (path, time, peak memory, note) for the closing table
 
 
@@ -71,29 +72,58 @@ def launches(rows: int, bank_bytes: int, gpu: dict, precision: str | None = None
                        device_capability=divmod(gpu["cc"], 10), sm_count=gpu["sms"], input_precision=precision)
 
 
-def k_loop_instructions(c, trips_inner: int) -> int:
-    """SASS instructions one warp issues per K tile: the widest loop (the K loop), its widest nested loop (the D-chunk
-    loop of the logit dot) counted `trips_inner` times."""
+def k_loop(c) -> tuple[int, int] | None:
+    """The K loop: the loop with the most tensor-core instructions (the narrowest of equals); the widest loop for
+    the recorded BEFORE kernels, whose compile did not list them."""
     if not c.loops:
-        return 0
-    lo, hi = c.loops[0]
-    inner = [(a, b) for a, b in c.loops[1:] if lo <= a and b <= hi]
-    n = hi - lo + 1
-    if inner:
-        a, b = inner[0]
-        n += (trips_inner - 1) * (b - a + 1)
-    return n
+        return None
+    mma = getattr(c, "mma_sass", None)
+    if mma is None:
+        return tuple(c.loops[0])
+    return max(c.loops, key=lambda ab: (sum(ab[0] <= i <= ab[1] for i in mma), ab[0] - ab[1]))
 
 
-def kernel_model(kind: str, c, grid_blocks: int, gpu: dict, *, bytes_total: float, tiles_per_block: float,
-                 inflight_per_block: float, trips_inner: int) -> dict:
+def _within(inner, outer) -> bool:
+    return outer[0] <= inner[0] and inner[1] <= outer[1] and tuple(inner) != tuple(outer)
+
+
+def instructions(c, tiles: int = 0, merge_trips: tuple[int, int] = (1, 1), merges_per_block: float = 1.0) -> dict:
+    """SASS instructions one warp issues (docs/kernels/performance_model.md "Instructions"): the K loop `tiles` times,
+    less the code of its lazy softmax rescaling (what a conditional forward branch skips inside it, and any block
+    placed out of line that returns into it), which runs at most RESCALES_PER_PROGRAM times; the other loops (the
+    merge's, run by one program per row, `merges_per_block` of a block on average) `merge_trips` = (splits, row
+    blocks) times: a loop holding loops once per row block, each loop it holds once per split per row block, every
+    other loop once per split; the rest once."""
+    kl = k_loop(c) if tiles else None
+    cold = [tuple(x) for x in getattr(c, "cold", ())]
+    total = c.sass_count - sum(last - first + 1 for first, last, _ in cold)
+    per_tile = rare = 0
+    if kl:
+        skipped = [(a, b) for a, b in getattr(c, "skips", ()) if kl[0] <= a and b <= kl[1]]
+        outermost = [x for x in skipped if not any(y[0] < x[0] and x[1] <= y[1] for y in skipped)]
+        inline = sum(b - a - 1 for a, b in outermost)
+        rare = inline + sum(last - first + 1 for first, last, back in cold if kl[0] <= back <= kl[1])
+        per_tile = kl[1] - kl[0] + 1 - inline
+        total += tiles * per_tile - (kl[1] - kl[0] + 1) + min(tiles, RESCALES_PER_PROGRAM) * rare
+    splits, row_blocks = merge_trips
+    others = [tuple(x) for x in c.loops if tuple(x) != kl and x[0] != x[1] and not (kl and _within(x, kl))]
+    extra = 0
+    for loop in (x for x in others if not any(_within(x, y) for y in others)):
+        nested = [x for x in others if _within(x, loop)]
+        trips = row_blocks if nested else splits
+        extra += (trips - 1) * (loop[1] - loop[0] + 1) + trips * (splits - 1) * sum(b - a + 1 for a, b in nested)
+    return dict(per_warp=total + extra * merges_per_block, k_loop=per_tile, rare=rare)
+
+
+def kernel_model(kind: str, c, grid_blocks: int, gpu: dict, *, bytes_total: float, inflight_per_block: float,
+                 insns: dict) -> dict:
     """Predicted time of one kernel from its compile `c`: waves of `resident` blocks per SM; per wave, memory time at
     the bandwidth the bytes in flight allow (Little's law) and issue time of the SASS; the larger, summed over waves."""
     resident = max(1, c.resident_blocks)
     slots = gpu["sms"] * resident
     waves = grid_blocks / slots
     per_block_bytes = bytes_total / grid_blocks
-    per_warp_insns = tiles_per_block * k_loop_instructions(c, trips_inner) + c.sass_count
+    per_warp_insns = insns["per_warp"]
     t = 0.0
     left = grid_blocks
     while left > 0:
@@ -106,7 +136,8 @@ def kernel_model(kind: str, c, grid_blocks: int, gpu: dict, *, bytes_total: floa
         left -= blocks
     return dict(kernel=kind, arch=c.arch, grid=grid_blocks, warps=c.num_warps, stages=c.num_stages,
                 registers=c.registers, spill=getattr(c, "spill_stores", 0), resident_blocks=c.resident_blocks, resident_warps=c.resident_warps,
-                waves=waves, async_copies=c.async_copies, k_loop_sass=k_loop_instructions(c, trips_inner),
+                waves=waves, async_copies=c.async_copies, k_loop_sass=insns["k_loop"], rescale_sass=insns["rare"],
+                sass_per_warp=insns["per_warp"],
                 inflight_kb_per_sm=resident * inflight_per_block / 1e3, time_s=t)
 
 
@@ -125,20 +156,22 @@ def after_model(rows: int, bank_bytes: int, gpu: dict, precision: str | None = N
             gathered = n * rows * K * D * bank_bytes + rows * K * 8                # once per row: groups adjacent
             partial = rows * splits * (4 * C * 4 + rows_acc * k["D_P"] * 4) * (2 if splits > 1 else 1)
             merge = rows * (rows_acc * k["D_P"] * 4 + (6 * C + NC + NK) * 4 + n * (1 + POS_K) * D * bank_bytes)
+            if (k["PIECES"] or k["TF32_SPLIT"]) and not k["NATIVE_DOT"]:      # each program's parts of E, written
+                merge += blocks * (k["PIECES"] or 2) * k["NE_P"] * k["D_P"] * (2 if k["PIECES"] else 4)
             tiles = math.ceil(K / splits / k["BLOCK_K"])
             inflight = max(1, c.num_stages - 1 if c.async_copies else 1) * k["BLOCK_K"] * k["NT"] * D * bank_bytes
+            row_blocks = math.ceil(C * (1 + n) / k["ROW_BLOCK"])
+            insns = instructions(c, tiles, (splits, row_blocks), 1 / (blocks / rows))
             m = kernel_model("bank.pass (+ merge)", c, blocks, gpu, bytes_total=gathered + partial + merge,
-                             tiles_per_block=tiles, inflight_per_block=inflight,
-                             trips_inner=k["D_P"] // k["D_CHUNK"])
+                             inflight_per_block=inflight, insns=insns) | dict(block_k=k["BLOCK_K"])
         else:
             k = launch.constexprs
             C, rows_acc = k["NE_P"] * k["N_P"], k["NE_P"] * k["N_P"] * (1 + k["N_P"])
             nbytes = rows * (rows_acc * k["D_P"] * 4 + (6 * C + NC + NK) * 4 + NE * D * 4)
-            m = kernel_model(launch.name, c, blocks, gpu, bytes_total=nbytes, tiles_per_block=0,
-                             inflight_per_block=k["D_BLOCK"] * 4 * 8, trips_inner=1)
+            m = kernel_model(launch.name, c, blocks, gpu, bytes_total=nbytes,
+                             inflight_per_block=k["D_BLOCK"] * 4 * 8, insns=instructions(c))
         out.append(m)
         total += m["time_s"] + LAUNCH_S
-    total += LAUNCH_S                                                           # the ticket memset
     return dict(kernels=out, time_s=total)
 
 
@@ -148,6 +181,20 @@ def launch_index(launch, name: str) -> int:
     params = inspect.signature(getattr(launch.fn, "fn", launch.fn)).parameters.values()
     runtime = [p.name for p in params if not (p.annotation is tl.constexpr or "constexpr" in str(p.annotation))]
     return runtime.index(name)
+
+
+def recorded_instructions(c, tiles: int, trips_inner: int) -> dict:
+    """The BEFORE kernels' instructions per warp as recorded: the widest loop `tiles` times with its widest nested
+    loop `trips_inner` times, plus the kernel's instructions once (other loops once: an undercount of their loops,
+    which makes BEFORE look faster, not slower)."""
+    per_tile = 0
+    if c.loops:
+        lo, hi = c.loops[0]
+        per_tile = hi - lo + 1
+        inner = [(a, b) for a, b in c.loops[1:] if lo <= a and b <= hi]
+        if inner:
+            per_tile += (trips_inner - 1) * (inner[0][1] - inner[0][0] + 1)
+    return dict(per_warp=tiles * per_tile + c.sass_count, k_loop=per_tile, rare=0)
 
 
 def before_model(rows: int, bank_bytes: int, gpu_name: str, gpu: dict) -> dict | None:
@@ -174,19 +221,19 @@ def before_model(rows: int, bank_bytes: int, gpu_name: str, gpu: dict) -> dict |
             gathered = groups * n * rows * K * D * bank_bytes + groups * rows * K * 8   # groups far apart: no L2 reuse
             partial = rows * splits * (4 * C * 4 + rows_acc * k["D_P"] * 4)
             m = kernel_model("bank.pass", c, blocks, gpu, bytes_total=gathered + partial,
-                             tiles_per_block=math.ceil(K / splits / k["BLOCK_K"]),
                              inflight_per_block=k["BLOCK_K"] * k["NT"] * D * bank_bytes,
-                             trips_inner=k["D_P"] // k["D_CHUNK"])
+                             insns=recorded_instructions(c, math.ceil(K / splits / k["BLOCK_K"]),
+                                                         k["D_P"] // k["D_CHUNK"])) | dict(block_k=k["BLOCK_K"])
         elif kern["name"] == "bank.merge":
             splits = kern["splits"]
             nbytes = rows * (splits * (4 * C * 4 + rows_acc * k["D_P"] * 4) + rows_acc * k["D_P"] * 4
                              + (6 * C + NC + NK) * 4 + n * (1 + POS_K) * D * bank_bytes)
-            m = kernel_model("bank.merge", c, blocks, gpu, bytes_total=nbytes, tiles_per_block=splits,
-                             inflight_per_block=16 * k["D_P"] * 4, trips_inner=1)
+            m = kernel_model("bank.merge", c, blocks, gpu, bytes_total=nbytes, inflight_per_block=16 * k["D_P"] * 4,
+                             insns=recorded_instructions(c, splits, 1))
         else:
             nbytes = rows * (rows_acc * k["D_P"] * 4 + (6 * C + NC + NK) * 4 + NE * D * 4)
-            m = kernel_model("bank.backward", c, blocks, gpu, bytes_total=nbytes, tiles_per_block=0,
-                             inflight_per_block=16 * k["D_P"] * 4, trips_inner=1)
+            m = kernel_model("bank.backward", c, blocks, gpu, bytes_total=nbytes, inflight_per_block=16 * k["D_P"] * 4,
+                             insns=recorded_instructions(c, 0, 1))
         out.append(m)
         total += m["time_s"] + LAUNCH_S
     return dict(kernels=out, time_s=total)
@@ -226,11 +273,12 @@ def markdown(records: list[dict]) -> str:
         b = f"{r['before_s'] * 1e3:.3f} | {r['before_s'] / r['floor_s']:.2f}×" if r["before_s"] else "- | -"
         lines.append(f"| {r['gpu']} | {r['rows']} | {r['bank']} | {r['precision']} | {r['floor_s'] * 1e3:.3f} | {b} | "
                      f"{r['after_s'] * 1e3:.3f} | {r['after_s'] / r['floor_s']:.2f}× |")
-    lines += ["", "Per kernel (AFTER, then BEFORE): resident blocks / warps per SM, waves, async copies, K-loop SASS "
-              "instructions per tile, predicted µs.", "",
+    lines += ["", "Per kernel (AFTER, then BEFORE): resident blocks / warps per SM, waves, async copies, SASS "
+              "instructions per warp per K tile of the given columns and of the lazy rescaling (charged at most 6 "
+              "times per program), SASS instructions per warp in all, predicted µs.", "",
               "| GPU | rows | bank | fp32 dots | when | kernel | grid | warps × stages | regs | resident blocks / warps | "
-              "waves | async copies | K-loop SASS | KB in flight / SM | µs |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "waves | async copies | K tile | K-loop SASS | rescale SASS | SASS per warp | KB in flight / SM | µs |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         for when in ("after", "before"):
             for k in r[f"{when}_kernels"] or []:
@@ -238,7 +286,9 @@ def markdown(records: list[dict]) -> str:
                              f"{k['kernel']} | "
                              f"{k['grid']} | {k['warps']} × {k['stages']} | {k['registers']} | "
                              f"{k['resident_blocks']} / {k['resident_warps']} | {k['waves']:.2f} | "
-                             f"{k['async_copies']} | {k['k_loop_sass']} | {k['inflight_kb_per_sm']:.1f} | "
+                             f"{k['async_copies']} | {k.get('block_k') or '-'} | {k['k_loop_sass'] or '-'} | "
+                             f"{k.get('rescale_sass') or '-'} | {k['sass_per_warp']:,.0f} | "
+                             f"{k['inflight_kb_per_sm']:.1f} | "
                              f"{k['time_s'] * 1e6:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -29,18 +29,20 @@ _PRECISIONS = ("ieee", "tf32", "tf32x3")
 _BF16_PIECES = {"tf32x3": 3, "tf32": 2}   # a bf16 bank's dots: pieces of the fp32 operand, as accurate or more
 ASSUMED_SM_COUNT = 132                 # the split-K heuristic's SM count where no GPU is asked (interpreter, AOT)
 _ACC_ELEMS = 16384                     # fp32 elements of one program's weighted-sum accumulators
-_TILE_ELEMS = 4096                     # elements of one gathered tile
+_TILE_BYTES = 16384                    # bytes of one gathered tile as a program holds it (`_config`)
 _WEIGHT_ELEMS = 1024                   # softmax weights [BLOCK_K, 2 C]: the operand every warp holds whole
 _MIN_BLOCK_K, _MAX_BLOCK_K = 8, 64
 MAX_COMBOS = _WEIGHT_ELEMS // (2 * _MIN_BLOCK_K)    # padded embeddings × padded banks (e.g. 16 × 4 or 8 × 8)
 _SPLIT_TRAFFIC = 4                     # a split's gathered bytes ≥ this × its partial sums' bytes
 _D_CHUNK = 32                          # D columns per step of the logit dot
-_J_BLOCK = 16                          # CE / KL blocks per step of the merge and backward kernels
+_J_BLOCK = 16                          # CE / KL blocks per step of the merge (the loops over blocks unroll)
 _ROW_BLOCK = 16                        # accumulator rows per step of the merge
-_BWD_D_BLOCK, _BWD_WARPS = 16, 8        # backward: D columns and warps per program
+_BWD_D_BLOCK, _BWD_WARPS = 32, 4        # backward: D columns and warps per program
+_BWD_TERMS = 2048                      # backward: fp32 terms [blocks, D columns] of a step (64 blocks at ImageNet)
+_RESCALE = 8.0                         # log2 headroom of the lazy softmax rescaling: 2^(y − m) ≤ 256
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
-_NSTAT = 6                             # per combo: max and sum at τ and at τ·T, positive sum, column-0 logit
+_NSTAT = 6                             # per combo: reference and sum at τ and at τ·T, positive sum, column-0 logit
 
 
 def _pow2(x: int, floor: int = 1) -> int:
@@ -57,12 +59,13 @@ def _pow2(x: int, floor: int = 1) -> int:
 def _bank_pass_kernel(E_ptr, EP_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, TICKET_ptr, ACC_ptr, ROWS_ptr, STATS_ptr,
                       CE_U_ptr, CE_M_ptr, CE_VIEW_ptr, KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr,
                       CE_ptr, KL_ptr,
-                      B, K, D, N_ROWS, NE, N_BANKS, NC, NK, GROUPS, SPLITS, K_PER_SPLIT, POS_K, scale, inv_tau, inv_T,
-                      NE_P: tl.constexpr, N_P: tl.constexpr, D_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                      B, K, D, N_ROWS, NE, N_BANKS, GROUPS, SPLITS, K_PER_SPLIT, scale, inv_tau, inv_T,
+                      NC: tl.constexpr, NK: tl.constexpr, POS_K: tl.constexpr, NE_P: tl.constexpr, N_P: tl.constexpr,
+                      D_P: tl.constexpr, BLOCK_K: tl.constexpr,
                       NT: tl.constexpr, A1_COLS: tl.constexpr, D_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
                       NATIVE_DOT: tl.constexpr, PIECES: tl.constexpr, TF32_SPLIT: tl.constexpr,
                       INTERPRET: tl.constexpr,
-                      ROW_BLOCK: tl.constexpr, J_BLOCK: tl.constexpr):
+                      ROW_BLOCK: tl.constexpr, J_BLOCK: tl.constexpr, RESCALE: tl.constexpr):
     """Program (b, split, group), launched group fastest then split then row (the groups of one row adjacent, so a
     row's gathered bank rows are read from DRAM once and from L2 by the other groups): columns
     [split·K_PER_SPLIT, …) of anchor row b, weighted sums onto the target banks [group·NT, group·NT + NT), over
@@ -88,10 +91,13 @@ def _bank_pass_kernel(E_ptr, EP_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, TIC
     tgt_off = tgt_i.to(tl.int64) * N_ROWS * D + d_i
     tgt_ok = (tgt_i < N_BANKS) & (d_i < D)
     idx_row = IDX_ptr + b * K
+    PARTS: tl.constexpr = PIECES if PIECES else 2
+    e_part = EP_ptr + pid.to(tl.int64) * (PARTS * NE_P * D_P)     # this program's parts of E: [PARTS, NE_P, D_P]
+    if (PIECES or TF32_SPLIT) and not NATIVE_DOT:
+        _split_rows(E_ptr, e_part, b, B, D, NE, NE_P, D_P, PIECES)
 
     m1 = tl.full([NE_P, N_P], float("-inf"), tl.float32)          # online statistics per combo (embedding, bank)
     l1 = tl.zeros([NE_P, N_P], tl.float32)
-    mT = tl.full([NE_P, N_P], float("-inf"), tl.float32)
     lT = tl.zeros([NE_P, N_P], tl.float32)
     acc1 = tl.zeros([NT * D_P, A1_COLS], tl.float32)  # transposed sums: target bank × D is the M dimension
     accT = tl.zeros([NT * D_P, C], tl.float32)
@@ -119,15 +125,15 @@ def _bank_pass_kernel(E_ptr, EP_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, TIC
                          mask=row_ok[None, :] & (dd[:, None] < D), other=0.0)               # [D_CHUNK, N_P·BK]
             e_off = offs_u[:, None].to(tl.int64) * B * D + b * D + dd[None, :]             # [NE_P, D_CHUNK]
             e_ok = (offs_u[:, None] < NE) & (dd[None, :] < D)
+            p_off = offs_u[:, None] * D_P + dd[None, :]
             if NATIVE_DOT:
                 s = tl.dot(tl.load(E_ptr + e_off, mask=e_ok, other=0.0), Rc, s)
-            elif PIECES:        # E's bf16 pieces (`_bf16_pieces`), smallest first
+            elif PIECES:        # E's bf16 pieces (`_split_rows`), smallest first
                 for p in tl.static_range(PIECES - 1, -1, -1):
-                    ep = tl.load(EP_ptr + p * NE * B * D + e_off, mask=e_ok, other=0.0)
-                    s = _dot_bf16(ep, Rc, s, INTERPRET)
-            elif TF32_SPLIT:    # E's tf32 parts (`_tf32_parts_host`)
-                e_hi = tl.load(EP_ptr + e_off, mask=e_ok, other=0.0)
-                e_lo = tl.load(EP_ptr + NE * B * D + e_off, mask=e_ok, other=0.0)
+                    s = _dot_bf16(tl.load(e_part + p * NE_P * D_P + p_off), Rc, s, INTERPRET)
+            elif TF32_SPLIT:    # E's tf32 parts (`_split_rows`)
+                e_hi = tl.load(e_part + p_off)
+                e_lo = tl.load(e_part + NE_P * D_P + p_off)
                 r_hi, r_lo = _tf32_parts(Rc.to(tl.float32))
                 s = tl.dot(e_hi, r_lo, s, input_precision="tf32")
                 s = tl.dot(e_lo, r_hi, s, input_precision="tf32")
@@ -137,31 +143,34 @@ def _bank_pass_kernel(E_ptr, EP_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, TIC
                 s = tl.dot(ec.to(tl.float32), Rc.to(tl.float32), s, input_precision=PRECISION)
         valid = ((kcol >= 1) & col_ok)[None, None, :]
         Y = tl.where(valid, tl.reshape(s * scale, (NE_P, N_P, BLOCK_K)), float("-inf"))    # [embedding, bank, k]
-        m_new = tl.maximum(m1, tl.max(Y, axis=2))
-        a1 = tl.exp2(m1 - m_new)
-        P1 = tl.exp2(Y - m_new[:, :, None])
-        l1 = l1 * a1 + tl.sum(P1, axis=2)
-        m1 = m_new
-        YT = Y * inv_T
-        m_new = tl.maximum(mT, tl.max(YT, axis=2))
-        aT = tl.exp2(mT - m_new)
-        PT = tl.exp2(YT - m_new[:, :, None])
-        lT = lT * aT + tl.sum(PT, axis=2)
-        mT = m_new
+        # lazy rescaling: the reference m of every combo moves (and the sums with it) only when a tile's logits pass
+        # it by more than RESCALE, so 2^(y − m) ≤ 2^RESCALE; the τ·T softmax's reference is m / T
+        y_max = tl.max(Y, axis=2)
+        if tl.max(tl.max(y_max - m1, axis=1), axis=0) > RESCALE:
+            m_new = tl.maximum(m1, y_max)
+            a1 = tl.exp2(m1 - m_new)
+            aT = tl.exp2((m1 - m_new) * inv_T)
+            l1 = l1 * a1
+            lT = lT * aT
+            m1 = m_new
+            if NT == 1:
+                acc1 = acc1 * tl.sum(tl.where((tl.arange(0, N_P) == grp)[None, :], a1, 0.0), axis=1)[None, :]
+            else:
+                acc1 = acc1 * tl.reshape(tl.trans(a1), (C,))[None, :]
+            accT = accT * tl.reshape(tl.trans(aT), (C,))[None, :]
+        P1 = tl.exp2(Y - m1[:, :, None])
+        l1 += tl.sum(P1, axis=2)
+        PT = tl.exp2((Y - m1[:, :, None]) * inv_T)
+        lT += tl.sum(PT, axis=2)
         # weighted sums: the target banks' rows [NT·D_P, BK] times the softmax weights of every combo [BK, C] (combo
         # c = bank · NE_P + embedding), two dots sharing their A operand
         if NT == 1:             # one target bank: the τ sums of its own combos only
-            own = (tl.arange(0, N_P) == grp)[None, :]
-            W1 = tl.trans(tl.sum(tl.where(own[:, :, None], P1, 0.0), axis=1))
-            acc1 = _rows_dot(Rt, Rt_lo, W1, acc1 * tl.sum(tl.where(own, a1, 0.0), axis=1)[None, :],
-                             PRECISION, PIECES, TF32_SPLIT, INTERPRET)
+            W1 = tl.trans(tl.sum(tl.where((tl.arange(0, N_P) == grp)[None, :, None], P1, 0.0), axis=1))
         else:                   # the τ sums of every combo, of which each target bank keeps its own
             W1 = tl.reshape(tl.permute(P1, (2, 1, 0)), (BLOCK_K, C))
-            acc1 = _rows_dot(Rt, Rt_lo, W1, acc1 * tl.reshape(tl.trans(a1), (C,))[None, :],
-                             PRECISION, PIECES, TF32_SPLIT, INTERPRET)
+        acc1 = _rows_dot(Rt, Rt_lo, W1, acc1, PRECISION, PIECES, TF32_SPLIT, INTERPRET)
         WT = tl.reshape(tl.permute(PT, (2, 1, 0)), (BLOCK_K, C))
-        accT = _rows_dot(Rt, Rt_lo, WT, accT * tl.reshape(tl.trans(aT), (C,))[None, :],
-                         PRECISION, PIECES, TF32_SPLIT, INTERPRET)
+        accT = _rows_dot(Rt, Rt_lo, WT, accT, PRECISION, PIECES, TF32_SPLIT, INTERPRET)
 
     base = split.to(tl.int64) * B + b
     cc = tl.arange(0, C)
@@ -169,7 +178,7 @@ def _bank_pass_kernel(E_ptr, EP_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, TIC
         st = PSTAT_ptr + base * (4 * C) + cc
         tl.store(st, tl.reshape(tl.trans(m1), (C,)))
         tl.store(st + C, tl.reshape(tl.trans(l1), (C,)))
-        tl.store(st + 2 * C, tl.reshape(tl.trans(mT), (C,)))
+        tl.store(st + 2 * C, tl.reshape(tl.trans(m1 * inv_T), (C,)))
         tl.store(st + 3 * C, tl.reshape(tl.trans(lT), (C,)))
     acc = PACC_ptr + base * (ROWS * D_P) + d_i[:, None]
     if NT == 1:
@@ -181,10 +190,33 @@ def _bank_pass_kernel(E_ptr, EP_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, TIC
     tl.debug_barrier()
     ticket = tl.atomic_add(TICKET_ptr + b, 1, sem="acq_rel")
     if ticket == GROUPS * SPLITS - 1:
+        tl.store(TICKET_ptr + b, 0)             # every program of row b has arrived: ready for the next launch
         _merge_row(b, E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, ACC_ptr, ROWS_ptr, STATS_ptr,
                    CE_U_ptr, CE_M_ptr, CE_VIEW_ptr, KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr,
-                   CE_ptr, KL_ptr, B, K, D, N_ROWS, NE, N_BANKS, NC, NK, SPLITS, POS_K, scale, inv_tau, inv_T,
-                   NE_P, N_P, D_P, ROW_BLOCK, J_BLOCK)
+                   CE_ptr, KL_ptr, B, K, D, N_ROWS, NE, N_BANKS, SPLITS, scale, inv_tau, inv_T,
+                   NC, NK, POS_K, NE_P, N_P, D_P, ROW_BLOCK, J_BLOCK)
+
+
+@triton.jit
+def _split_rows(E_ptr, out, b, B, D, NE, NE_P: tl.constexpr, D_P: tl.constexpr, PIECES: tl.constexpr):
+    """Row b of E [NE, B, D] in parts at `out` [parts, NE_P, D_P], zero-padded: PIECES bf16 pieces whose sum is the
+    row (each the rounding of what the previous leave), or (PIECES = 0) its tf32 parts (`_tf32_parts`). Made once
+    per program and read back every K tile; the program's threads read what others wrote (hence the barrier)."""
+    offs_u = tl.arange(0, NE_P)[:, None]
+    offs_d = tl.arange(0, D_P)[None, :]
+    x = tl.load(E_ptr + offs_u.to(tl.int64) * B * D + b * D + offs_d, mask=(offs_u < NE) & (offs_d < D),
+                other=0.0).to(tl.float32)
+    at = out + offs_u * D_P + offs_d
+    if PIECES:
+        for p in tl.static_range(PIECES):
+            piece = x.to(tl.bfloat16)
+            tl.store(at + p * NE_P * D_P, piece)
+            x = x - piece.to(tl.float32)
+    else:
+        hi, lo = _tf32_parts(x)
+        tl.store(at, hi)
+        tl.store(at + NE_P * D_P, lo)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -263,9 +295,9 @@ def _kl_blocks(KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr, j, jm, N
 @triton.jit
 def _merge_row(b, E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, ACC_ptr, ROWS_ptr, STATS_ptr,
                CE_U_ptr, CE_M_ptr, CE_VIEW_ptr, KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr,
-               CE_ptr, KL_ptr, B, K, D, N_ROWS, NE, N_BANKS, NC, NK, SPLITS, POS_K, scale, inv_tau, inv_T,
-               NE_P: tl.constexpr, N_P: tl.constexpr, D_P: tl.constexpr, ROW_BLOCK: tl.constexpr,
-               J_BLOCK: tl.constexpr):
+               CE_ptr, KL_ptr, B, K, D, N_ROWS, NE, N_BANKS, SPLITS, scale, inv_tau, inv_T,
+               NC: tl.constexpr, NK: tl.constexpr, POS_K: tl.constexpr, NE_P: tl.constexpr, N_P: tl.constexpr,
+               D_P: tl.constexpr, ROW_BLOCK: tl.constexpr, J_BLOCK: tl.constexpr):
     """Row b: merges the splits (flash-decoding), normalises the weighted sums, adds column 0 and the positives
     (1 + pos_k rows per bank), writes the ce and kl rows and what backward needs."""
     C: tl.constexpr = N_P * NE_P
@@ -297,12 +329,12 @@ def _merge_row(b, E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, ACC_ptr, ROWS_p
     POS = tl.zeros([N_P, NE_P], tl.float32)
     dmask = offs_d < D
     ro = ROWS_ptr + b * (2 * N_P * D_P) + offs_d
-    for mb in range(N_P):
+    for mb in tl.static_range(N_P):
         row_m = BANK_ptr + mb * N_ROWS * D + offs_d
         ok = dmask & (mb < N_BANKS)
         r0 = tl.load(row_m + tl.load(IDX_ptr + b * K).to(tl.int64) * D, mask=ok, other=0.0).to(tl.float32)
         rp = tl.zeros([D_P], tl.float32)
-        for k in range(1, POS_K + 1):
+        for k in tl.static_range(1, POS_K + 1):
             rp += tl.load(row_m + tl.load(IDX_ptr + b * K + k).to(tl.int64) * D, mask=ok, other=0.0).to(tl.float32)
         tl.store(ro + mb * D_P, r0)
         tl.store(ro + (N_P + mb) * D_P, rp)
@@ -344,7 +376,7 @@ def _merge_row(b, E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, ACC_ptr, ROWS_p
 
     # CE rows: view lse − mean of the pos_k positives; cross rows add column 0 to both
     st = STATS_ptr + b * (6 * C)
-    for j0 in range(0, NC, J_BLOCK):
+    for j0 in tl.static_range(0, NC, J_BLOCK):
         j = j0 + tl.arange(0, J_BLOCK)
         jm = j < NC
         c = tl.load(CE_M_ptr + j, mask=jm, other=0).to(tl.int32) * NE_P + tl.load(CE_U_ptr + j, mask=jm,
@@ -363,7 +395,7 @@ def _merge_row(b, E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, ACC_ptr, ROWS_p
     accb = ACC_ptr + b * (ROWS * D_P)
     e_b = E_ptr + b * D + offs_d[None, :]
     dmask = offs_d[None, :] < D
-    for j0 in range(0, NK, J_BLOCK):
+    for j0 in tl.static_range(0, NK, J_BLOCK):
         j = j0 + tl.arange(0, J_BLOCK)
         jm = j < NK
         su, sm, tu, tm, view, cs, ct = _kl_blocks(KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr, j, jm,
@@ -394,11 +426,12 @@ def _merge_row(b, E_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, ACC_ptr, ROWS_p
 @triton.jit
 def _bank_bwd_kernel(ACC_ptr, ROWS_ptr, STATS_ptr, G_CE_ptr, G_KL_ptr, DE_ptr,
                      CE_U_ptr, CE_M_ptr, CE_VIEW_ptr, KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr,
-                     B, D, NE, NC, NK, POS_K, inv_tau, inv_T,
+                     B, D, NE, inv_tau, inv_T, NC: tl.constexpr, NK: tl.constexpr, POS_K: tl.constexpr,
                      NE_P: tl.constexpr, N_P: tl.constexpr, D_P: tl.constexpr, D_BLOCK: tl.constexpr,
-                     J_BLOCK: tl.constexpr):
+                     J_CE: tl.constexpr, J_KL: tl.constexpr):
     """Program (b, u, D block), D blocks fastest: dE[u, b, block] = Σ over the CE and KL blocks anchored at u of
-    (upstream gradient × saved weighted sums) / τ, in fp32 FMA (no tensor core, so no TF32 rounding of dE)."""
+    (upstream gradient × saved weighted sums) / τ, in fp32 FMA (no tensor core, so no TF32 rounding of dE). J_CE /
+    J_KL blocks per step: the terms are summed over blocks once, after the loops."""
     C: tl.constexpr = N_P * NE_P
     ROWS: tl.constexpr = C + N_P * C
     N_DB: tl.constexpr = D_P // D_BLOCK
@@ -409,9 +442,9 @@ def _bank_bwd_kernel(ACC_ptr, ROWS_ptr, STATS_ptr, G_CE_ptr, G_KL_ptr, DE_ptr,
     st = STATS_ptr + b * (6 * C)
     accb = ACC_ptr + b * (ROWS * D_P) + offs_d[None, :]
     rowb = ROWS_ptr + b * (2 * N_P * D_P) + offs_d[None, :]
-    dE = tl.zeros([D_BLOCK], tl.float32)
-    for j0 in range(0, NC, J_BLOCK):
-        j = j0 + tl.arange(0, J_BLOCK)
+    ce_terms = tl.zeros([J_CE, D_BLOCK], tl.float32)
+    for j0 in range(0, NC, J_CE):
+        j = j0 + tl.arange(0, J_CE)
         u = tl.load(CE_U_ptr + j, mask=j < NC, other=-1).to(tl.int32)
         jm = u == anchor
         m = tl.load(CE_M_ptr + j, mask=jm, other=0).to(tl.int32)
@@ -424,12 +457,12 @@ def _bank_bwd_kernel(ACC_ptr, ROWS_ptr, STATS_ptr, G_CE_ptr, G_KL_ptr, DE_ptr,
         a_0 = tl.where(view, 0.0, g * (p0 - 1.0 / (POS_K + 1)))
         a_p = -g / tl.where(view, POS_K, POS_K + 1)
         jm2 = jm[:, None]
-        V = (a_s[:, None] * tl.load(accb + c[:, None] * D_P, mask=jm2, other=0.0)
-             + a_0[:, None] * tl.load(rowb + m[:, None] * D_P, mask=jm2, other=0.0)
-             + a_p[:, None] * tl.load(rowb + (N_P + m)[:, None] * D_P, mask=jm2, other=0.0))
-        dE += tl.sum(V, axis=0)
-    for j0 in range(0, NK, J_BLOCK):
-        j = j0 + tl.arange(0, J_BLOCK)
+        ce_terms += (a_s[:, None] * tl.load(accb + c[:, None] * D_P, mask=jm2, other=0.0)
+                     + a_0[:, None] * tl.load(rowb + m[:, None] * D_P, mask=jm2, other=0.0)
+                     + a_p[:, None] * tl.load(rowb + (N_P + m)[:, None] * D_P, mask=jm2, other=0.0))
+    kl_terms = tl.zeros([J_KL, D_BLOCK], tl.float32)
+    for j0 in range(0, NK, J_KL):
+        j = j0 + tl.arange(0, J_KL)
         su0 = tl.load(KL_SU_ptr + j, mask=j < NK, other=-1).to(tl.int32)
         jm = su0 == anchor
         su, sm, tu, tm, view, cs, ct = _kl_blocks(KL_SU_ptr, KL_SM_ptr, KL_TU_ptr, KL_TM_ptr, KL_VIEW_ptr, j, jm,
@@ -445,10 +478,10 @@ def _bank_bwd_kernel(ACC_ptr, ROWS_ptr, STATS_ptr, G_CE_ptr, G_KL_ptr, DE_ptr,
         ft = tl.where(view, 1.0, ft)
         d0 = tl.where(view, 0.0, p0s - p0t)
         jm2 = jm[:, None]
-        V = ((h * fs)[:, None] * tl.load(accb + (C + sm * C + cs)[:, None] * D_P, mask=jm2, other=0.0)
-             - (h * ft)[:, None] * tl.load(accb + (C + sm * C + ct)[:, None] * D_P, mask=jm2, other=0.0)
-             + (h * d0)[:, None] * tl.load(rowb + sm[:, None] * D_P, mask=jm2, other=0.0))
-        dE += tl.sum(V, axis=0)
+        kl_terms += ((h * fs)[:, None] * tl.load(accb + (C + sm * C + cs)[:, None] * D_P, mask=jm2, other=0.0)
+                     - (h * ft)[:, None] * tl.load(accb + (C + sm * C + ct)[:, None] * D_P, mask=jm2, other=0.0)
+                     + (h * d0)[:, None] * tl.load(rowb + sm[:, None] * D_P, mask=jm2, other=0.0))
+    dE = tl.sum(ce_terms, axis=0) + tl.sum(kl_terms, axis=0)
     tl.store(DE_ptr + anchor.to(tl.int64) * B * D + b * D + offs_d, dE * inv_tau, mask=offs_d < D)
 
 
@@ -470,32 +503,30 @@ class Tuning:
     blocks_per_sm: int
 
 
-# (arch major, bank bytes, fp32 dot precision) → ((largest padded combo count, largest padded bank count, candidates
-# best first), ...). The first candidate is the one the performance model ranks best (docs/kernels/performance_model.md,
+# (arch major, bank bytes, fp32 dot precision) → ((largest padded combo count, candidates best first), ...). The first
+# candidate is the one the performance model ranks best (docs/kernels/performance_model.md,
 # benchmarks/results/bank_model.md); every candidate passes the GPU-readiness test and the interpreter tests.
-_FEW, _MANY = 16, MAX_COMBOS                          # ImageNet L-MCL (8 × 2 = 16 combos); 4 × 4 stages, MCL × 8
-_TWO = 2                                              # two networks' banks (MCL × 4 has 4: the few-combo tier spills)
-_ANY = 1 << 62
-_BIG_PLANS = (_MANY, _ANY, (Tuning(8, 2, 0, 4096, 1),))
-CONFIG_SPACE: dict[tuple[int, int, str], tuple[tuple[int, int, tuple[Tuning, ...]], ...]] = {
-    **{(a, 4, "tf32x3"): ((_FEW, _TWO, (Tuning(4, 3, 16, 16384, 3), Tuning(4, 3, 16, 4096, 3))), _BIG_PLANS)
+_FEW, _MANY = 16, MAX_COMBOS      # ImageNet L-MCL (8 × 2 combos); 4 × 4 stages, MCL × 4 (8 × 4 padded), MCL × 8
+_BIG_PLANS = (_MANY, (Tuning(8, 2, 0, 4096, 1),))
+CONFIG_SPACE: dict[tuple[int, int, str], tuple[tuple[int, tuple[Tuning, ...]], ...]] = {
+    **{(a, 4, "tf32x3"): ((_FEW, (Tuning(4, 3, 16, 16384, 3), Tuning(4, 3, 16, 4096, 3))), _BIG_PLANS)
        for a in (8, 9)},
-    **{(a, 4, "tf32"): ((_FEW, _TWO, (Tuning(4, 3, 16, 16384, 3), Tuning(4, 2, 16, 16384, 3),
-                                      Tuning(4, 2, 16, 4096, 4))), _BIG_PLANS)
+    **{(a, 4, "tf32"): ((_FEW, (Tuning(4, 3, 16, 16384, 3), Tuning(4, 2, 16, 16384, 3))), _BIG_PLANS)
        for a in (8, 9)},
-    **{(a, 2, p): ((_FEW, _TWO, (Tuning(4, 3, 16, 16384, 3), Tuning(4, 2, 16, 4096, 4))), _BIG_PLANS)
+    **{(a, 2, p): ((_FEW, (Tuning(4, 3, 32, 16384, 3), Tuning(4, 3, 16, 16384, 3), Tuning(4, 2, 16, 4096, 4))),
+                   _BIG_PLANS)
        for a in (8, 9) for p in ("tf32x3", "tf32")},
 }
 _FALLBACK = Tuning(8, 2, 0, 4096, 1)                  # older GPUs, "ieee" and the interpreter
 
 
-def tunings(capability: tuple[int, int], bank_dtype: torch.dtype, combos: int, banks: int,
+def tunings(capability: tuple[int, int], bank_dtype: torch.dtype, combos: int,
             precision: str | None = None) -> tuple[Tuning, ...]:
     """The candidates of the configuration space for a GPU of `capability`, a bank of `bank_dtype`, `combos` padded
-    (embedding, bank) pairs, `banks` padded banks and the fp32 dots' `precision` (None: `default_precision`)."""
+    (embedding, bank) pairs (`_padded`) and the fp32 dots' `precision` (None: `default_precision`)."""
     key = (min(capability[0], 9), bank_dtype.itemsize, precision or default_precision(capability))
-    for max_combos, max_banks, candidates in CONFIG_SPACE.get(key, ()):
-        if combos <= max_combos and banks <= max_banks:
+    for max_combos, candidates in CONFIG_SPACE.get(key, ()):
+        if combos <= max_combos:
             return candidates
     return (_FALLBACK,)
 
@@ -538,7 +569,7 @@ class _Config:
     precision: str
     native_dot: bool
     pieces: int             # bf16 bank: bf16 pieces of the fp32 operand per dot (0: fp32 dots at `precision`)
-    tf32_split: bool        # fp32 bank at tf32x3: the operands' tf32 parts made by their bits, E's on the host
+    tf32_split: bool        # fp32 bank at tf32x3: the operands' tf32 parts made by their bits, E's once per program
     num_warps: int
     num_stages: int
 
@@ -566,14 +597,16 @@ def _config(NE: int, n: int, B: int, K: int, D: int, e_dtype: torch.dtype, bank_
         precision = default_precision(capability)
     if precision not in _PRECISIONS:
         raise ValueError(f"input_precision must be one of {_PRECISIONS}, got {precision!r}")
-    tuning = tuning or tunings(capability, bank_dtype, C, N_P, precision)[0]
+    tuning = tuning or tunings(capability, bank_dtype, C, precision)[0]
     # target banks per program: as many as keep the accumulators 2 × [NT·D_P, C] within the tuning's budget
     NT = N_P
     while NT > 1 and 2 * NT * D_P * C > tuning.acc_elems:
         NT //= 2
+    # a bf16 bank's rows stay bf16 where the dots take bf16 pieces; any other bank is held in fp32
+    held = 2 if bank_dtype == torch.bfloat16 and precision in _BF16_PIECES else 4
     bk = tuning.block_k or _MAX_BLOCK_K
-    while bk > _MIN_BLOCK_K and (N_P * bk * min(D_P, _D_CHUNK) > _TILE_ELEMS or NT * bk * D_P > _TILE_ELEMS
-                                 or 2 * C * bk > _WEIGHT_ELEMS):
+    while bk > _MIN_BLOCK_K and (N_P * bk * min(D_P, _D_CHUNK) * held > _TILE_BYTES
+                                 or NT * bk * D_P * held > _TILE_BYTES or 2 * C * bk > _WEIGHT_ELEMS):
         bk //= 2
     if block_k:
         if block_k < _MIN_BLOCK_K or block_k & (block_k - 1):
@@ -604,42 +637,24 @@ def _forward_launches(cfg: _Config, E, banks, idx, vecs, pos_k, tau, kd_T, work,
     NE, B, D = E.shape
     n, N_ROWS = banks.shape[0], banks.shape[1]
     K = idx.shape[1]
-    pstat, pacc, ticket = work
+    pstat, pacc, ticket, parts = work
     ce, kl, stats, acc, rows = outs
-    if cfg.pieces and not cfg.native_dot:
-        parts = _bf16_pieces(E, cfg.pieces)
-    else:
-        parts = _tf32_parts_host(E) if cfg.tf32_split else E          # (unread when neither)
     pass_ = KernelLaunch.of(
         "bank.pass", _bank_pass_kernel, (B * cfg.splits * cfg.groups,),
         (E, parts, banks, idx, pstat, pacc, ticket, acc, rows, stats, *vecs, ce, kl, B, K, D, N_ROWS, NE, n,
-         ce.shape[0], kl.shape[0], cfg.groups, cfg.splits, cfg.k_per_split, pos_k, _LOG2E / tau, 1.0 / tau,
-         1.0 / kd_T),
-        dict(NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P, BLOCK_K=cfg.BLOCK_K, NT=cfg.NT,
-             A1_COLS=cfg.NE_P if cfg.NT == 1 else cfg.C, D_CHUNK=min(cfg.D_P, _D_CHUNK),
+         cfg.groups, cfg.splits, cfg.k_per_split, _LOG2E / tau, 1.0 / tau, 1.0 / kd_T),
+        dict(NC=ce.shape[0], NK=kl.shape[0], POS_K=pos_k, NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P,
+             BLOCK_K=cfg.BLOCK_K, NT=cfg.NT, A1_COLS=cfg.NE_P if cfg.NT == 1 else cfg.C, D_CHUNK=min(cfg.D_P, _D_CHUNK),
              PRECISION=cfg.precision, NATIVE_DOT=cfg.native_dot, PIECES=cfg.pieces,
-             TF32_SPLIT=cfg.tf32_split, INTERPRET=_interpreting(), ROW_BLOCK=_ROW_BLOCK, J_BLOCK=_J_BLOCK),
+             TF32_SPLIT=cfg.tf32_split, INTERPRET=_interpreting(), ROW_BLOCK=_ROW_BLOCK, J_BLOCK=_J_BLOCK,
+             RESCALE=_RESCALE),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, order=("group", "split", "row"))
     return [pass_]
 
 
-def _bf16_pieces(E: Tensor, pieces: int) -> Tensor:
-    """[pieces, *E.shape] bf16 whose sum is E to 8 · pieces significant bits: each the rounding of what the previous
-    leave: the logit dot's operands against a bf16 bank (`_dot_bf16`, one dot per piece)."""
-    out, rest = [], E.float()
-    for _ in range(pieces):
-        out.append(rest.to(torch.bfloat16))
-        rest = rest - out[-1].float()
-    return torch.stack(out)
-
-
-def _tf32_parts_host(E: Tensor) -> Tensor:
-    """[2, *E.shape] fp32: E's tf32 parts as the kernel's `_tf32_parts` makes them (hi, lo)."""
-    def rounded(x: Tensor) -> Tensor:
-        return ((x.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
-    E = E.float().contiguous()
-    hi = rounded(E)
-    return torch.stack([hi, rounded(E - hi)])
+def _bwd_j_block(blocks: int) -> int:
+    """The backward's CE / KL blocks per step: all of a plan's, as far as `_BWD_TERMS` allows."""
+    return min(_pow2(blocks, floor=16), _BWD_TERMS // _BWD_D_BLOCK)
 
 
 def _backward_launch(cfg: _Config, E, vecs, pos_k, tau, kd_T, saved, g_ce, g_kl, dE) -> KernelLaunch:
@@ -648,22 +663,44 @@ def _backward_launch(cfg: _Config, E, vecs, pos_k, tau, kd_T, saved, g_ce, g_kl,
     d_block = min(cfg.D_P, _BWD_D_BLOCK)
     return KernelLaunch.of(
         "bank.backward", _bank_bwd_kernel, (B * NE * (cfg.D_P // d_block),),
-        (acc, rows, stats, g_ce, g_kl, dE, *vecs, B, D, NE, g_ce.shape[0], g_kl.shape[0], pos_k, 1.0 / tau,
-         1.0 / kd_T),
-        dict(NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P, D_BLOCK=d_block, J_BLOCK=_J_BLOCK),
+        (acc, rows, stats, g_ce, g_kl, dE, *vecs, B, D, NE, 1.0 / tau, 1.0 / kd_T),
+        dict(NC=g_ce.shape[0], NK=g_kl.shape[0], POS_K=pos_k, NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P,
+             D_BLOCK=d_block, J_CE=_bwd_j_block(g_ce.shape[0]), J_KL=_bwd_j_block(g_kl.shape[0])),
         num_warps=_BWD_WARPS, num_stages=1, order=("d_block", "embedding", "row"))
 
 
 def _buffers(cfg: _Config, B: int, n_ce: int, n_kl: int, device) -> tuple[tuple, tuple]:
     """(workspace, outputs). Outputs: ce, kl, stats [B, 6, C], normalised sums [B, rows, D_P], rows [B, 2, N_P, D_P]
     (column 0 and the positives' sum per bank). With one split the pass writes its sums straight into the output.
-    Workspace: partial statistics and sums per split, and one zeroed ticket per row (the merge's arrival count)."""
+    Workspace: partial statistics and sums per split, one zeroed ticket per row (the merge's arrival count,
+    `_tickets`), and each program's parts of its row of E (bf16 pieces or tf32 parts, `_split_rows`)."""
     f32 = dict(dtype=torch.float32, device=device)
     outs = (torch.empty(n_ce, B, **f32), torch.empty(n_kl, B, **f32), torch.empty(B, _NSTAT, cfg.C, **f32),
             torch.empty(B, cfg.rows, cfg.D_P, **f32), torch.empty(B, 2, cfg.N_P, cfg.D_P, **f32))
     pacc = outs[3][None] if cfg.splits == 1 else torch.empty(cfg.splits, B, cfg.rows, cfg.D_P, **f32)
-    work = (torch.empty(cfg.splits, B, 4, cfg.C, **f32), pacc, torch.zeros(B, dtype=torch.int32, device=device))
+    if (cfg.pieces or cfg.tf32_split) and not cfg.native_dot:
+        parts = torch.empty(B * cfg.splits * cfg.groups, cfg.pieces or 2, cfg.NE_P, cfg.D_P, device=device,
+                            dtype=torch.bfloat16 if cfg.pieces else torch.float32)
+    else:
+        parts = torch.empty(1, **f32)                                   # unread
+    work = (torch.empty(cfg.splits, B, 4, cfg.C, **f32), pacc, _tickets(B, device), parts)
     return work, outs
+
+
+_TICKETS: dict[tuple, Tensor] = {}
+
+
+def _tickets(B: int, device: torch.device) -> Tensor:
+    """B zeroed int32 arrival counters. The program that merges a row sets its counter back to zero, so one buffer per
+    device and stream serves every launch on that stream without a memset of its own; a launch being captured into a
+    CUDA graph gets a buffer of its own, zeroed by a memset captured with it."""
+    if device.type == "meta" or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.zeros(B, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < B:
+        buf = _TICKETS[key] = torch.zeros(B, dtype=torch.int32, device=device)
+    return buf[:B]
 
 
 def launches(E_shape: tuple[int, int, int], n_banks: int, n_rows: int, K: int, n_ce: int, n_kl: int, *,
@@ -780,17 +817,26 @@ def _bank_rows_op(E: Tensor, banks: Tensor, idx: Tensor, ce_u: Tensor, ce_m: Ten
 
 def _timed_tuning(E: Tensor, banks: Tensor, idx: Tensor, input_precision: str, run) -> Tuning:
     """The fastest candidate of the configuration space for this GPU and these shapes (`kernels/tuning.py`)."""
-    NE, B, D = E.shape
-    capability, sms = _device_facts(E.device)
+    key, candidates = _tuning_key(E.device, tuple(E.shape), E.dtype, tuple(banks.shape), banks.dtype, idx.shape[1],
+                                  input_precision, torch.get_float32_matmul_precision())
+    return candidates[timed_choice(key, candidates, run, E.device)] if key else candidates[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _tuning_key(device: torch.device, E_shape: tuple, E_dtype: torch.dtype, banks_shape: tuple,
+                bank_dtype: torch.dtype, K: int, input_precision: str, matmul_precision: str) -> tuple:
+    """(the timed choice's cache key, or None where there is one candidate; the candidates), made once per shapes.
+    `matmul_precision` (torch's, which `default_precision` reads) is an argument only so that it keys the memo."""
+    NE, B, D = E_shape
+    capability, sms = _device_facts(device)
     precision = input_precision or default_precision(capability)
-    NE_P, N_P, _ = _padded(NE, banks.shape[0], D)
-    candidates = tunings(capability, banks.dtype, NE_P * N_P, N_P, precision)
+    NE_P, N_P, _ = _padded(NE, banks_shape[0], D)
+    candidates = tunings(capability, bank_dtype, NE_P * N_P, precision)
     if len(candidates) == 1:
-        return candidates[0]
-    gpu = torch.cuda.get_device_name(E.device) if E.device.type == "cuda" else E.device.type
-    key = (f"bank_rows {gpu} sm{capability[0]}{capability[1]}x{sms} E{tuple(E.shape)} {E.dtype} "
-           f"banks{tuple(banks.shape)} {banks.dtype} K{idx.shape[1]} {precision} {candidates}")
-    return candidates[timed_choice(key, candidates, run, E.device)]
+        return None, candidates
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return (f"bank_rows {gpu} sm{capability[0]}{capability[1]}x{sms} E{E_shape} {E_dtype} banks{banks_shape} "
+            f"{bank_dtype} K{K} {precision} {candidates}"), candidates
 
 
 @_bank_rows_op.register_fake

@@ -86,20 +86,20 @@ def space_cases() -> list[tuple[str, str, int, str, int]]:
     """(scenario, dtype name, cc, precision, candidate number) for every configuration-space point a bank scenario
     can use besides the default one (which `cases()` covers)."""
     out = []
-    for name, plan, B in BANK_SCENARIOS:
-        p = plan()
-        banks = triton_pow2(max(p.net_of) + 1)
-        combos = triton_pow2(p.num_embeddings) * banks
-        for dtype_name, dtype in DTYPES.items():
+    for name, _, _ in BANK_SCENARIOS:
+        for dtype_name in DTYPES:
             for cc in TARGETS:
                 for prec in PRECISIONS:
-                    n = len(bank_module().tunings(divmod(cc, 10), dtype, combos, banks, prec))
+                    n = len(space_candidates(name, dtype_name, cc, prec))
                     out += [(name, dtype_name, cc, prec, i) for i in range(int(prec == PRECISIONS[0]), n)]
     return out
 
 
-def triton_pow2(x: int) -> int:
-    return 1 << (x - 1).bit_length()
+def space_candidates(name: str, dtype_name: str, cc: int, prec: str) -> tuple:
+    """The configuration space's candidates for a bank scenario: for the padded combo count its default launch uses."""
+    _, plan, B = next(s for s in BANK_SCENARIOS if s[0] == name)
+    k = bank_launches(plan(), B, DTYPES[dtype_name], cc, precision=prec)[0].constexprs
+    return bank_module().tunings(divmod(cc, 10), DTYPES[dtype_name], k["NE_P"] * k["N_P"], prec)
 
 
 def bank_missing_reason() -> str | None:
@@ -146,11 +146,8 @@ def compiled() -> dict:
             pairs.append((launch, case[3]))
     for name, dtype_name, cc, prec, i in space_cases():
         _, plan, B = next(s for s in BANK_SCENARIOS if s[0] == name)
-        p = plan()
-        banks = triton_pow2(max(p.net_of) + 1)
-        tuning = bank_module().tunings(divmod(cc, 10), DTYPES[dtype_name], triton_pow2(p.num_embeddings) * banks,
-                                       banks, prec)[i]
-        for launch in bank_launches(p, B, DTYPES[dtype_name], cc, tuning, prec):
+        tuning = space_candidates(name, dtype_name, cc, prec)[i]
+        for launch in bank_launches(plan(), B, DTYPES[dtype_name], cc, tuning, prec):
             keys.append(("space", name, dtype_name, cc, prec, i))
             pairs.append((launch, cc))
     for key, result in zip(keys, compile_launches(pairs)):

@@ -49,10 +49,12 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _MMA = re.compile(r"^\s*(wgmma\.mma_async|mma\.sync)\S*", re.MULTILINE)
 _TT_DOT = re.compile(r"\btt\.dot\b")
-_RESULT_SCHEMA = 3                  # bump when the cached fields change
+_RESULT_SCHEMA = 7                  # bump when the cached fields change
 _ASYNC = re.compile(r"\bcp\.async\.(?:bulk\.)?(?:cg|ca|tensor|shared)\S*")
 _SASS_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", re.MULTILINE)
 _BRANCH = re.compile(r"\bBRA\b.*?(0x[0-9a-f]+)")
+_CONDITIONAL = re.compile(r"^@!?U?P\d")
+_TENSOR_CORE = re.compile(r"\b(?:HMMA|HGMMA|IMMA)\b")
 # per SM: registers, warps, blocks, shared memory (bytes; 1 KB of it reserved per block)
 SM_LIMITS = {80: (65_536, 64, 32, 167_936), 90: (65_536, 64, 32, 233_472)}
 
@@ -79,6 +81,9 @@ class Compiled:
     async_copies: int = 0             # cp.async / TMA instructions in the PTX
     sass_count: int = 0               # SASS instructions of the kernel
     loops: tuple = ()                 # SASS loops as (first, last) instruction indices, outermost first
+    skips: tuple = ()                 # conditional forward branches as (branch, target) instruction indices
+    cold: tuple = ()                  # out-of-line blocks as (first, last, return target) instruction indices
+    mma_sass: tuple = ()              # indices of the SASS tensor-core instructions
 
     @property
     def resident_blocks(self) -> int:
@@ -180,7 +185,7 @@ def _compile_job(job: dict) -> dict:
     sass = _sass(compiled.asm["cubin"])
     return {"shared": int(compiled.metadata.shared), "registers": int(regs.group(1)),
             "async_copies": len(_ASYNC.findall(compiled.asm["ptx"])), "sass_count": len(sass),
-            "loops": _loops(sass),
+            **_control_flow(sass),
             "stack": int(spills.group(1)), "spill_stores": int(spills.group(2)), "spill_loads": int(spills.group(3)),
             "mma": sorted(set(_MMA.findall(compiled.asm["ptx"]))),
             "dots": len(_TT_DOT.findall(compiled.asm["ttir"])), "compile_s": round(seconds, 2)}
@@ -196,15 +201,44 @@ def _sass(cubin: bytes) -> list[tuple[int, str]]:
     return [(int(a, 16), ins.strip()) for a, ins in _SASS_INSN.findall(text)]
 
 
-def _loops(sass: list[tuple[int, str]]) -> list[tuple[int, int]]:
-    """Loops of the SASS: (index of the branch target, index of the backward branch), widest first."""
+def _branches(sass: list[tuple[int, str]]) -> list[tuple[int, int, bool]]:
+    """(index of the branch, index of its target, conditional) of every branch whose target is an instruction
+    (`BRA.DIV`, taken only by a divergent warp, counts as conditional)."""
     where = {addr: i for i, (addr, _) in enumerate(sass)}
     out = []
     for i, (addr, ins) in enumerate(sass):
         m = _BRANCH.search(ins)
-        if m and int(m.group(1), 16) <= addr and int(m.group(1), 16) in where:
-            out.append((where[int(m.group(1), 16)], i))
-    return sorted(out, key=lambda ab: ab[0] - ab[1])
+        if m and int(m.group(1), 16) in where:
+            out.append((i, where[int(m.group(1), 16)], bool(_CONDITIONAL.match(ins)) or "BRA.DIV" in ins))
+    return out
+
+
+def _control_flow(sass: list[tuple[int, str]]) -> dict:
+    """The SASS's loops, skipped regions, out-of-line blocks and tensor-core instructions (indices into `sass`):
+    - `cold`: (first, last, return target) of each block placed out of line after an `EXIT` (where ptxas puts the
+      path of a divergent warp): straight code entered by a conditional forward branch, ending with a branch back;
+    - `loops`: (branch target, backward branch) of each other backward branch, widest first;
+    - `skips`: (branch, target) of each conditional forward branch (the code in between runs when not taken);
+    - `mma_sass`: the indices of tensor-core instructions (HMMA, HGMMA, IMMA)."""
+    branches = _branches(sass)
+    entered = {t for i, t, conditional in branches if conditional and t > i}
+    exits = {i for i, (_, ins) in enumerate(sass) if "EXIT" in ins}
+    ends = {i for i, _, _ in branches} | exits                       # where straight code ends
+    final_exits = exits - {i for i, (_, ins) in enumerate(sass) if _CONDITIONAL.match(ins)}
+    cold, loops = [], []
+    for i, t, conditional in branches:
+        if t > i:
+            continue
+        first = i
+        while first - 1 > t and first - 1 not in ends:
+            first -= 1
+        if not conditional and first in entered and first - 1 in final_exits:
+            cold.append((first, i, t))
+        else:
+            loops.append((t, i))
+    return {"loops": sorted(loops, key=lambda ab: ab[0] - ab[1]), "cold": cold,
+            "skips": [(i, t) for i, t, conditional in branches if conditional and t > i],
+            "mma_sass": [i for i, (_, ins) in enumerate(sass) if _TENSOR_CORE.search(ins)]}
 
 
 def _result(job: dict, data: dict) -> Compiled:
@@ -212,7 +246,8 @@ def _result(job: dict, data: dict) -> Compiled:
                     shared=data["shared"], registers=data["registers"], spill_stores=data["spill_stores"],
                     spill_loads=data["spill_loads"], stack=data["stack"], mma=tuple(data["mma"]), dots=data["dots"],
                     compile_s=data["compile_s"], async_copies=data["async_copies"], sass_count=data["sass_count"],
-                    loops=tuple(tuple(x) for x in data["loops"]))
+                    loops=tuple(tuple(x) for x in data["loops"]), skips=tuple(tuple(x) for x in data["skips"]),
+                    cold=tuple(tuple(x) for x in data["cold"]), mma_sass=tuple(data["mma_sass"]))
 
 
 def compile_launches(pairs: list[tuple[object, int]], *, processes: int | None = None,

@@ -8,9 +8,9 @@ launch and run well on that GPU:
 - `mma`: the tensor-core instructions in the PTX (`mma.sync` on sm_80, `wgmma.mma_async` on sm_90), beside `dots`,
   the `tt.dot` operations of the kernel's Triton IR (a kernel without one has nothing to put on tensor cores);
 - `async_copies`: asynchronous copies in the PTX (`cp.async` on sm_80+, TMA `cp.async.bulk` on sm_90);
-- `loops`: the SASS (`cuobjdump -sass` of the cubin, both bundled with the wheel) as its loops: (first, last
-  instruction index) of each backward branch, and `sass_count` the kernel's instructions, for the issue model
-  (`resident_blocks` applies the CUDA occupancy rules: docs/kernels/performance_model.md).
+- `loops`, `skips`, `cold`, `mma_sass`: the SASS (`cuobjdump -sass` of the cubin, both bundled with the wheel) as
+  control flow (`_control_flow`), and `sass_count` the kernel's instructions, for the issue model (`resident_blocks`
+  applies the CUDA occupancy rules: docs/kernels/performance_model.md).
 
 Compiling costs seconds per kernel, so results are cached on disk under `<repo>/.cache/aot/` (git-ignored; override
 with FASTMCL_AOT_CACHE), keyed by the kernel's source hash (Triton's `cache_key`, which covers every `triton.jit`

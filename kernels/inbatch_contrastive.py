@@ -69,7 +69,7 @@ _BLOCK_X_MAX = 64   # backward: tile of the other side
 _BLOCK_DK_MAX = 32  # D-chunk of the logit GEMMs
 _BLOCK_DO_MAX = 128  # D-chunk of the backward output per program
 _NUM_WARPS = 8
-_NUM_STAGES = 2
+_STAGES = {"tf32": 3}        # software-pipeline stages by input precision, else 2 (docs/kernels/inbatch.md)
 
 
 def _pow2(n: int, lo: int = 16, hi: int | None = None) -> int:
@@ -292,6 +292,10 @@ def _native_dot(dtype: torch.dtype) -> bool:
     return dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") != "1"
 
 
+def _stages(input_precision: str) -> int:
+    return _STAGES.get(input_precision, 2)
+
+
 def _tiles(B: int, D: int) -> dict:
     return {"BLOCK_M": _pow2(B, hi=_BLOCK_M), "BLOCK_N": _pow2(B, hi=_BLOCK_N_MAX), "BLOCK_O": _pow2(B, hi=_BLOCK_O),
             "BLOCK_X": _pow2(B, hi=_BLOCK_X_MAX), "BLOCK_DK": _pow2(D, hi=_BLOCK_DK_MAX),
@@ -311,11 +315,11 @@ def _forward_launches(E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv, ce, kl,
     if Nc:
         out.append(KernelLaunch.of("inbatch.ce_fwd", _ce_fwd_kernel, (rows, Nc),
                                    (E, labels, ce_u, ce_v, ce, stats, Nb, B, D, 1.0 / tau), common,
-                                   num_warps=_NUM_WARPS, num_stages=_NUM_STAGES))
+                                   num_warps=_NUM_WARPS, num_stages=_stages(input_precision)))
     if Nk:
         out.append(KernelLaunch.of("inbatch.kl_fwd", _kl_fwd_kernel, (rows, Nk),
                                    (E, kl_su, kl_sv, kl_tu, kl_tv, kl, stats, Nc, Nb, B, D, 1.0 / (tau * kd_T)),
-                                   common, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES))
+                                   common, num_warps=_NUM_WARPS, num_stages=_stages(input_precision)))
     return out
 
 
@@ -333,12 +337,12 @@ def _backward_launches(E, labels, ce_u, ce_v, kl_su, kl_sv, kl_tu, kl_tv, g_ce, 
     if Nc:
         out.append(KernelLaunch.of("inbatch.ce_bwd", _ce_bwd_kernel, (rows, Nc, 2 * ND),
                                    (E, labels, ce_u, ce_v, g_ce, stats, partial, Nb, B, D, ND, 1.0 / tau), common,
-                                   num_warps=_NUM_WARPS, num_stages=_NUM_STAGES))
+                                   num_warps=_NUM_WARPS, num_stages=_stages(input_precision)))
     if Nk:
         out.append(KernelLaunch.of("inbatch.kl_bwd", _kl_bwd_kernel, (rows, Nk, 2 * ND),
                                    (E, kl_su, kl_sv, kl_tu, kl_tv, g_kl, stats, partial, Nc, Nb, B, D, ND,
                                     1.0 / (tau * kd_T)),
-                                   common, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES))
+                                   common, num_warps=_NUM_WARPS, num_stages=_stages(input_precision)))
     return out
 
 

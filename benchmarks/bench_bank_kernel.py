@@ -168,6 +168,8 @@ def after_model(rows: int, bank_bytes: int, gpu: dict, precision: str | None = N
             k = launch.constexprs
             C, rows_acc = k["NE_P"] * k["N_P"], k["NE_P"] * k["N_P"] * (1 + k["N_P"])
             nbytes = rows * (rows_acc * k["D_P"] * 4 + (6 * C + NC + NK) * 4 + NE * D * 4)
+            # one step covers the plan's blocks, so each of its loops runs once and the count is exact
+            assert k["J_CE"] >= NC and k["J_KL"] >= NK, (k, NC, NK)
             m = kernel_model(launch.name, c, blocks, gpu, bytes_total=nbytes,
                              inflight_per_block=k["D_BLOCK"] * 4 * 8, insns=instructions(c))
         out.append(m)

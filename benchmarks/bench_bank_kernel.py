@@ -73,14 +73,10 @@ def launches(rows: int, bank_bytes: int, gpu: dict, precision: str | None = None
 
 
 def k_loop(c) -> tuple[int, int] | None:
-    """The K loop: the loop with the most tensor-core instructions (the narrowest of equals); the widest loop for
-    the recorded BEFORE kernels, whose compile did not list them."""
+    """The K loop: the loop with the most tensor-core instructions (the narrowest of equals)."""
     if not c.loops:
         return None
-    mma = getattr(c, "mma_sass", None)
-    if mma is None:
-        return tuple(c.loops[0])
-    return max(c.loops, key=lambda ab: (sum(ab[0] <= i <= ab[1] for i in mma), ab[0] - ab[1]))
+    return max(c.loops, key=lambda ab: (sum(ab[0] <= i <= ab[1] for i in c.mma_sass), ab[0] - ab[1]))
 
 
 def _within(inner, outer) -> bool:
@@ -95,11 +91,11 @@ def instructions(c, tiles: int = 0, merge_trips: tuple[int, int] = (1, 1), merge
     blocks) times: a loop holding loops once per row block, each loop it holds once per split per row block, every
     other loop once per split; the rest once."""
     kl = k_loop(c) if tiles else None
-    cold = [tuple(x) for x in getattr(c, "cold", ())]
+    cold = c.cold
     total = c.sass_count - sum(last - first + 1 for first, last, _ in cold)
     per_tile = rare = 0
     if kl:
-        skipped = [(a, b) for a, b in getattr(c, "skips", ()) if kl[0] <= a and b <= kl[1]]
+        skipped = [(a, b) for a, b in c.skips if kl[0] <= a and b <= kl[1]]
         outermost = [x for x in skipped if not any(y[0] < x[0] and x[1] <= y[1] for y in skipped)]
         inline = sum(b - a - 1 for a, b in outermost)
         rare = inline + sum(last - first + 1 for first, last, back in cold if kl[0] <= back <= kl[1])
@@ -156,12 +152,11 @@ def after_model(rows: int, bank_bytes: int, gpu: dict, precision: str | None = N
             gathered = n * rows * K * D * bank_bytes + rows * K * 8                # once per row: groups adjacent
             partial = rows * splits * (4 * C * 4 + rows_acc * k["D_P"] * 4) * (2 if splits > 1 else 1)
             merge = rows * (rows_acc * k["D_P"] * 4 + (6 * C + NC + NK) * 4 + n * (1 + POS_K) * D * bank_bytes)
-            if (k["PIECES"] or k["TF32_SPLIT"]) and not k["NATIVE_DOT"]:      # each program's parts of E, written
-                merge += blocks * (k["PIECES"] or 2) * k["NE_P"] * k["D_P"] * (2 if k["PIECES"] else 4)
+            merge += blocks * k["E_PARTS"] * k["NE_P"] * k["D_P"] * (2 if k["PIECES"] else 4)   # parts of E, written
             tiles = math.ceil(K / splits / k["BLOCK_K"])
             inflight = max(1, c.num_stages - 1 if c.async_copies else 1) * k["BLOCK_K"] * k["NT"] * D * bank_bytes
             row_blocks = math.ceil(C * (1 + n) / k["ROW_BLOCK"])
-            insns = instructions(c, tiles, (splits, row_blocks), 1 / (blocks / rows))
+            insns = instructions(c, tiles, (splits, row_blocks), rows / blocks)
             m = kernel_model("bank.pass (+ merge)", c, blocks, gpu, bytes_total=gathered + partial + merge,
                              inflight_per_block=inflight, insns=insns) | dict(block_k=k["BLOCK_K"])
         else:

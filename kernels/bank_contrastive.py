@@ -65,7 +65,8 @@ def _bank_pass_kernel(E_ptr, EP_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, TIC
                       NT: tl.constexpr, A1_COLS: tl.constexpr, D_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
                       NATIVE_DOT: tl.constexpr, PIECES: tl.constexpr, TF32_SPLIT: tl.constexpr,
                       INTERPRET: tl.constexpr,
-                      ROW_BLOCK: tl.constexpr, J_BLOCK: tl.constexpr, RESCALE: tl.constexpr):
+                      E_PARTS: tl.constexpr, ROW_BLOCK: tl.constexpr, J_BLOCK: tl.constexpr,
+                      RESCALE: tl.constexpr):
     """Program (b, split, group), launched group fastest then split then row (the groups of one row adjacent, so a
     row's gathered bank rows are read from DRAM once and from L2 by the other groups): columns
     [split·K_PER_SPLIT, …) of anchor row b, weighted sums onto the target banks [group·NT, group·NT + NT), over
@@ -91,9 +92,8 @@ def _bank_pass_kernel(E_ptr, EP_ptr, BANK_ptr, IDX_ptr, PSTAT_ptr, PACC_ptr, TIC
     tgt_off = tgt_i.to(tl.int64) * N_ROWS * D + d_i
     tgt_ok = (tgt_i < N_BANKS) & (d_i < D)
     idx_row = IDX_ptr + b * K
-    PARTS: tl.constexpr = PIECES if PIECES else 2
-    e_part = EP_ptr + pid.to(tl.int64) * (PARTS * NE_P * D_P)     # this program's parts of E: [PARTS, NE_P, D_P]
-    if (PIECES or TF32_SPLIT) and not NATIVE_DOT:
+    e_part = EP_ptr + pid.to(tl.int64) * (E_PARTS * NE_P * D_P)   # this program's parts of E: [E_PARTS, NE_P, D_P]
+    if E_PARTS:
         _split_rows(E_ptr, e_part, b, B, D, NE, NE_P, D_P, PIECES)
 
     m1 = tl.full([NE_P, N_P], float("-inf"), tl.float32)          # online statistics per combo (embedding, bank)
@@ -574,6 +574,11 @@ class _Config:
     num_stages: int
 
     @property
+    def e_parts(self) -> int:
+        """Parts of E the logit dot takes (bf16 pieces, or tf32 hi and lo), made once per program; 0: E as it is."""
+        return 0 if self.native_dot else self.pieces or 2 * self.tf32_split
+
+    @property
     def C(self) -> int:
         return self.NE_P * self.N_P
 
@@ -603,7 +608,8 @@ def _config(NE: int, n: int, B: int, K: int, D: int, e_dtype: torch.dtype, bank_
     while NT > 1 and 2 * NT * D_P * C > tuning.acc_elems:
         NT //= 2
     # a bf16 bank's rows stay bf16 where the dots take bf16 pieces; any other bank is held in fp32
-    held = 2 if bank_dtype == torch.bfloat16 and precision in _BF16_PIECES else 4
+    pieces = _BF16_PIECES.get(precision, 0) if bank_dtype == torch.bfloat16 else 0
+    held = 2 if pieces else 4
     bk = tuning.block_k or _MAX_BLOCK_K
     while bk > _MIN_BLOCK_K and (N_P * bk * min(D_P, _D_CHUNK) * held > _TILE_BYTES
                                  or NT * bk * D_P * held > _TILE_BYTES or 2 * C * bk > _WEIGHT_ELEMS):
@@ -625,8 +631,8 @@ def _config(NE: int, n: int, B: int, K: int, D: int, e_dtype: torch.dtype, bank_
     k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
     splits = triton.cdiv(K, k_per_split)            # no empty split
     native = e_dtype == bank_dtype and e_dtype != torch.float32 and not _interpreting()
-    # bf16 dots contract over ≥ 16: the weighted sums' BLOCK_K
-    pieces = _BF16_PIECES.get(precision, 0) if bank_dtype == torch.bfloat16 and bk >= 16 else 0
+    if bk < 16:             # bf16 dots contract over ≥ 16: the weighted sums' BLOCK_K
+        pieces = 0
     return _Config(NE_P=NE_P, N_P=N_P, D_P=D_P, BLOCK_K=bk, NT=NT, groups=groups, splits=splits,
                    k_per_split=k_per_split, precision=precision, native_dot=native, pieces=pieces,
                    tf32_split=precision == "tf32x3" and not pieces and not native,
@@ -646,8 +652,8 @@ def _forward_launches(cfg: _Config, E, banks, idx, vecs, pos_k, tau, kd_T, work,
         dict(NC=ce.shape[0], NK=kl.shape[0], POS_K=pos_k, NE_P=cfg.NE_P, N_P=cfg.N_P, D_P=cfg.D_P,
              BLOCK_K=cfg.BLOCK_K, NT=cfg.NT, A1_COLS=cfg.NE_P if cfg.NT == 1 else cfg.C, D_CHUNK=min(cfg.D_P, _D_CHUNK),
              PRECISION=cfg.precision, NATIVE_DOT=cfg.native_dot, PIECES=cfg.pieces,
-             TF32_SPLIT=cfg.tf32_split, INTERPRET=_interpreting(), ROW_BLOCK=_ROW_BLOCK, J_BLOCK=_J_BLOCK,
-             RESCALE=_RESCALE),
+             TF32_SPLIT=cfg.tf32_split, INTERPRET=_interpreting(), E_PARTS=cfg.e_parts, ROW_BLOCK=_ROW_BLOCK,
+             J_BLOCK=_J_BLOCK, RESCALE=_RESCALE),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, order=("group", "split", "row"))
     return [pass_]
 
@@ -678,11 +684,8 @@ def _buffers(cfg: _Config, B: int, n_ce: int, n_kl: int, device) -> tuple[tuple,
     outs = (torch.empty(n_ce, B, **f32), torch.empty(n_kl, B, **f32), torch.empty(B, _NSTAT, cfg.C, **f32),
             torch.empty(B, cfg.rows, cfg.D_P, **f32), torch.empty(B, 2, cfg.N_P, cfg.D_P, **f32))
     pacc = outs[3][None] if cfg.splits == 1 else torch.empty(cfg.splits, B, cfg.rows, cfg.D_P, **f32)
-    if (cfg.pieces or cfg.tf32_split) and not cfg.native_dot:
-        parts = torch.empty(B * cfg.splits * cfg.groups, cfg.pieces or 2, cfg.NE_P, cfg.D_P, device=device,
-                            dtype=torch.bfloat16 if cfg.pieces else torch.float32)
-    else:
-        parts = torch.empty(1, **f32)                                   # unread
+    parts = torch.empty(B * cfg.splits * cfg.groups, cfg.e_parts, cfg.NE_P, cfg.D_P, device=device,
+                        dtype=torch.bfloat16 if cfg.pieces else torch.float32)       # empty when E goes as it is
     work = (torch.empty(cfg.splits, B, 4, cfg.C, **f32), pacc, _tickets(B, device), parts)
     return work, outs
 
